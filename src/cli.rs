@@ -1,0 +1,230 @@
+//! The command line: parses arguments, loads settings and runs a command.
+//!
+//! Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad settings.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::ledger::{Ledger, Outcome, ReplyTo};
+use crate::messages::{CreditsGranted, Inbound};
+use crate::settings::Settings;
+use crate::worker::{self, WorkerError};
+use crate::{db, telemetry};
+
+/// Credit reservation and settlement for streaming LLM chats.
+#[derive(Debug, Parser)]
+#[command(name = "stream-credits", version, about)]
+pub struct Cli {
+    /// TOML settings file; defaults to ./stream-credits.toml when present.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the worker until SIGTERM or SIGINT, then drain and exit 0.
+    Run,
+    /// Create the database if missing and apply migrations.
+    Migrate,
+    /// Grant credits or show an account.
+    #[command(subcommand)]
+    Account(AccountCommand),
+}
+
+/// Account commands.
+#[derive(Debug, Subcommand)]
+pub enum AccountCommand {
+    /// Add credits to a user's balance.
+    Grant(GrantArgs),
+    /// Print a user's balance, reserved and available credits.
+    Show(ShowArgs),
+}
+
+/// Arguments of `account grant`.
+#[derive(Debug, Args)]
+pub struct GrantArgs {
+    pub user: String,
+    /// Credits to add, at least 1.
+    pub amount: i64,
+    /// Free text stored with the ledger entry.
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Key that makes a repeated grant apply once; a new one by default.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+}
+
+/// Arguments of `account show`.
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    pub user: String,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A failure with its exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+impl Failure {
+    /// Bad usage or settings: exit 2.
+    pub fn usage(error: impl Into<anyhow::Error>) -> Self {
+        Self {
+            code: 2,
+            error: error.into(),
+        }
+    }
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(error: E) -> Self {
+        Self {
+            code: 1,
+            error: error.into(),
+        }
+    }
+}
+
+/// Parses the process arguments, runs the command and returns its exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(error) => return report(Failure::usage(error)),
+    };
+    telemetry::init(&settings.log);
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => return report(Failure::from(error)),
+    };
+    match runtime.block_on(execute(cli.command, Arc::new(settings))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => report(failure),
+    }
+}
+
+fn report(failure: Failure) -> ExitCode {
+    eprintln!("error: {:#}", failure.error);
+    ExitCode::from(failure.code)
+}
+
+/// Runs one command with loaded settings.
+pub async fn execute(command: Command, settings: Arc<Settings>) -> Result<(), Failure> {
+    match command {
+        Command::Run => run(settings).await,
+        Command::Migrate => {
+            db::migrate(&settings.database).await?;
+            eprintln!("database is up to date");
+            Ok(())
+        }
+        Command::Account(AccountCommand::Grant(args)) => grant(settings, args).await,
+        Command::Account(AccountCommand::Show(args)) => show(settings, args).await,
+    }
+}
+
+async fn run(settings: Arc<Settings>) -> Result<(), Failure> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "worker starting");
+    worker::run(settings, shutdown).await.map_err(|error| match error {
+        WorkerError::Topology(_) => Failure::usage(error),
+        WorkerError::Database(_) => Failure::from(error),
+    })
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+pub async fn cancel_on_signal(token: CancellationToken) {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate = match signal(SignalKind::terminate()) {
+            Ok(terminate) => terminate,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                let _ = interrupt.await;
+                token.cancel();
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+    token.cancel();
+}
+
+async fn grant(settings: Arc<Settings>, args: GrantArgs) -> Result<(), Failure> {
+    let message = Inbound::CreditsGranted(CreditsGranted {
+        kind: Default::default(),
+        message_id: args
+            .idempotency_key
+            .unwrap_or_else(|| format!("cli-grant-{}", uuid::Uuid::now_v7())),
+        user_id: args.user.clone(),
+        amount: args.amount,
+        reason: args.reason,
+        occurred_at: chrono::Utc::now(),
+    });
+    // The same checks as a grant arriving from the broker.
+    let body = serde_json::to_vec(&grant_body(&message)).expect("messages serialize");
+    crate::messages::decode(&body, &settings.limits).map_err(Failure::usage)?;
+
+    let pool = db::migrate(&settings.database).await?;
+    let mut tx = pool.begin().await?;
+    let applied = Ledger::new(settings.clone())
+        .apply(&mut tx, &message, &ReplyTo::default())
+        .await?;
+    tx.commit().await?;
+    match applied.outcome {
+        Outcome::Applied => eprintln!("granted {} credits to {}", args.amount, args.user),
+        Outcome::Duplicate => eprintln!("this idempotency key was already applied; nothing changed"),
+        Outcome::DeadLetter(rejection) => return Err(Failure::usage(rejection)),
+        Outcome::Dropped(_) => unreachable!("a grant is never dropped"),
+    }
+    print_account(&pool, &args.user, true).await
+}
+
+fn grant_body(message: &Inbound) -> serde_json::Value {
+    match message {
+        Inbound::CreditsGranted(grant) => serde_json::to_value(grant).expect("messages serialize"),
+        _ => unreachable!("only grants are built here"),
+    }
+}
+
+async fn show(settings: Arc<Settings>, args: ShowArgs) -> Result<(), Failure> {
+    let pool = db::migrate(&settings.database).await?;
+    print_account(&pool, &args.user, args.json).await
+}
+
+async fn print_account(pool: &sqlx::PgPool, user: &str, json: bool) -> Result<(), Failure> {
+    let mut conn = pool.acquire().await?;
+    let account = crate::ledger::account(&mut conn, user)
+        .await?
+        .with_context(|| format!("account `{user}` not found: no credits were ever granted to it"))?;
+    if json {
+        println!("{}", serde_json::to_string(&account).expect("accounts serialize"));
+    } else {
+        println!(
+            "{}: balance {}, reserved {}, available {}",
+            account.user_id, account.balance, account.reserved, account.available
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,1018 @@
+//! The ledger in PostgreSQL: grants, holds, chunk counts and settlements.
+//!
+//! Each inbound message is applied inside a transaction that the caller
+//! owns, together with its processed-message row and the replies and
+//! events it causes (the outbox). Nothing here publishes or commits.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgConnection, Row};
+use uuid::Uuid;
+
+use crate::messages::{
+    ChunkEmitted, CreditsGranted, DenialReason, Inbound, PromptInput, RejectReason, Rejection,
+    ReservationAdjusted, ReservationDenied, ReservationGranted, ReservationSettled,
+    SettleStatus, StreamEnded, StreamStarted, Usage, UsageOverReservation,
+};
+use crate::pricing::{Credits, ModelPrice, TokenUsage};
+use crate::settings::Settings;
+use crate::settlement::{self, Counted, Settlement};
+use crate::tokens;
+
+/// A ledger failure, split by whether trying again can help.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The database is unreachable, overloaded, or a transaction lost a
+    /// race (deadlock, serialization failure, concurrent claim of the
+    /// same message). Retry the whole transaction.
+    #[error("database unavailable: {0}")]
+    Retryable(#[source] sqlx::Error),
+    /// Any other database error. Retrying the same message will fail the
+    /// same way; the broker's delivery limit bounds the attempts.
+    #[error("database error: {0}")]
+    Final(#[source] sqlx::Error),
+}
+
+impl LedgerError {
+    /// Whether the same transaction may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Retryable(_))
+    }
+}
+
+impl From<sqlx::Error> for LedgerError {
+    fn from(error: sqlx::Error) -> Self {
+        if is_transient(&error) {
+            Self::Retryable(error)
+        } else {
+            Self::Final(error)
+        }
+    }
+}
+
+/// Whether a database error may go away by itself.
+pub fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // Class 08: connection exception. 40001 and 40P01: serialization
+            // failure and deadlock. 57P0x: server shutting down or starting.
+            // 53300: too many connections. 23505 on the processed-message
+            // key: another worker applied the same message concurrently,
+            // and the retry will see it as a duplicate.
+            code.starts_with("08")
+                || matches!(
+                    code.as_ref(),
+                    "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300"
+                )
+                || (code == "23505" && db.constraint() == Some("processed_messages_pkey"))
+        }
+        _ => false,
+    }
+}
+
+/// Where an outgoing message goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// The default exchange, routing key = the producer's `reply_to`.
+    Reply,
+    /// The results exchange, routing key = the event's `type`.
+    Event,
+}
+
+impl Destination {
+    fn code(self) -> &'static str {
+        match self {
+            Self::Reply => "reply",
+            Self::Event => "event",
+        }
+    }
+
+    fn from_code(code: &str) -> Self {
+        if code == "reply" { Self::Reply } else { Self::Event }
+    }
+}
+
+/// A reply or event to publish once its transaction has committed.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// Row in the outbox, to mark as published; `None` for a reply that is
+    /// sent again for a duplicate and was already stored.
+    pub outbox_id: Option<i64>,
+    pub destination: Destination,
+    pub routing_key: String,
+    pub correlation_id: Option<String>,
+    pub event_type: String,
+    pub body: serde_json::Value,
+}
+
+/// The reply address of a delivery.
+#[derive(Debug, Clone, Default)]
+pub struct ReplyTo {
+    pub queue: Option<String>,
+    pub correlation_id: Option<String>,
+}
+
+/// What applying one message did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The effect was written.
+    Applied,
+    /// The message id was seen before; nothing changed.
+    Duplicate,
+    /// Valid but pointless now, such as a chunk after settlement; nothing
+    /// changed and the message is acknowledged.
+    Dropped(DropReason),
+    /// Cannot be applied: dead-letter it. Nothing was written.
+    DeadLetter(Rejection),
+}
+
+/// Why a valid message changed nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    ChunkAfterSettlement,
+    EndAfterSettlement,
+}
+
+impl DropReason {
+    /// Metric label.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::ChunkAfterSettlement => "chunk_after_settlement",
+            Self::EndAfterSettlement => "end_after_settlement",
+        }
+    }
+}
+
+/// The result of applying one message: its outcome and what to publish.
+#[derive(Debug)]
+pub struct Applied {
+    pub outcome: Outcome,
+    pub outgoing: Vec<Outgoing>,
+}
+
+impl Applied {
+    fn new(outcome: Outcome) -> Self {
+        Self {
+            outcome,
+            outgoing: Vec::new(),
+        }
+    }
+}
+
+/// Applies messages to the database with one set of settings.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    settings: Arc<Settings>,
+}
+
+/// A hold row, as read for update.
+#[derive(Debug, Clone)]
+struct Hold {
+    reservation_id: Uuid,
+    user_id: String,
+    stream_id: String,
+    model: String,
+    price: ModelPrice,
+    reserved: Credits,
+    prompt_tokens: u64,
+    counted_completion_tokens: u64,
+    over_signalled: bool,
+    settle_status: Option<String>,
+    charged: Option<i64>,
+    adjusted: bool,
+    grant_reply: serde_json::Value,
+}
+
+const HOLD_COLUMNS: &str = "reservation_id, user_id, stream_id, model, input_per_million, \
+     output_per_million, cached_input_per_million, encoding, reserved, prompt_tokens, \
+     max_output_tokens, counted_completion_tokens, over_signalled, settle_status, charged, \
+     adjusted_at IS NOT NULL AS adjusted, grant_reply";
+
+impl Hold {
+    fn from_row(row: &sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            reservation_id: row.try_get("reservation_id")?,
+            user_id: row.try_get("user_id")?,
+            stream_id: row.try_get("stream_id")?,
+            model: row.try_get("model")?,
+            price: ModelPrice {
+                input_per_million: row.try_get("input_per_million")?,
+                output_per_million: row.try_get("output_per_million")?,
+                cached_input_per_million: row.try_get("cached_input_per_million")?,
+                encoding: row.try_get("encoding")?,
+                max_output_tokens: to_u64(row.try_get("max_output_tokens")?),
+            },
+            reserved: Credits(row.try_get("reserved")?),
+            prompt_tokens: to_u64(row.try_get("prompt_tokens")?),
+            counted_completion_tokens: to_u64(row.try_get("counted_completion_tokens")?),
+            over_signalled: row.try_get("over_signalled")?,
+            settle_status: row.try_get("settle_status")?,
+            charged: row.try_get("charged")?,
+            adjusted: row.try_get("adjusted")?,
+            grant_reply: row.try_get("grant_reply")?,
+        })
+    }
+
+    fn counted(&self) -> Counted {
+        Counted {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.counted_completion_tokens,
+        }
+    }
+}
+
+fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).expect("token columns are CHECKed non-negative")
+}
+
+fn to_i64(value: u64) -> i64 {
+    // Token counts are bounded by limits.tokens_max, far below i64::MAX.
+    i64::try_from(value).expect("token counts fit in 64 bits")
+}
+
+impl Ledger {
+    /// Creates a ledger that prices and limits with `settings`.
+    pub fn new(settings: Arc<Settings>) -> Self {
+        Self { settings }
+    }
+
+    /// The settings in use.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Applies one message inside the caller's transaction.
+    pub async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        message: &Inbound,
+        reply_to: &ReplyTo,
+    ) -> Result<Applied, LedgerError> {
+        let user_id = message.user_id();
+        let message_id = message.message_id();
+
+        // A message id seen before changes nothing; a repeated start gets
+        // its stored reply again.
+        let seen: Option<Option<serde_json::Value>> =
+            sqlx::query_scalar("SELECT reply FROM processed_messages WHERE user_id = $1 AND message_id = $2")
+                .bind(user_id)
+                .bind(message_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+        if let Some(reply) = seen {
+            let mut applied = Applied::new(Outcome::Duplicate);
+            if let Some(reply) = reply {
+                applied.outgoing.extend(resend_reply(reply, reply_to));
+            }
+            return Ok(applied);
+        }
+
+        let (applied, stored_reply) = match message {
+            Inbound::CreditsGranted(grant) => (self.grant(conn, grant).await?, None),
+            Inbound::StreamStarted(start) => self.start(conn, start, reply_to).await?,
+            Inbound::ChunkEmitted(chunk) => (self.chunk(conn, chunk).await?, None),
+            Inbound::StreamEnded(end) => (self.end(conn, end).await?, None),
+        };
+
+        // Only an applied message is recorded, so a dead letter replayed
+        // later is applied then.
+        if applied.outcome == Outcome::Applied {
+            sqlx::query(
+                "INSERT INTO processed_messages (user_id, message_id, kind, reply) \
+                 VALUES ($1, $2, $3, $4)",
+            )
+            .bind(user_id)
+            .bind(message_id)
+            .bind(message.type_name())
+            .bind(stored_reply)
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(applied)
+    }
+
+    async fn grant(
+        &self,
+        conn: &mut PgConnection,
+        grant: &CreditsGranted,
+    ) -> Result<Applied, LedgerError> {
+        let balance: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO accounts (user_id, balance) VALUES ($1, $2) \
+             ON CONFLICT (user_id) DO UPDATE \
+             SET balance = accounts.balance + EXCLUDED.balance, updated_at = now() \
+             WHERE accounts.balance <= 9223372036854775807 - EXCLUDED.balance \
+             RETURNING balance",
+        )
+        .bind(&grant.user_id)
+        .bind(grant.amount)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some(balance) = balance else {
+            return Ok(Applied::new(Outcome::DeadLetter(Rejection {
+                reason: RejectReason::InvalidField,
+                detail: "field `amount` would overflow the 64-bit balance".to_owned(),
+                partial: Default::default(),
+            })));
+        };
+
+        insert_ledger_entry(
+            conn,
+            LedgerEntry {
+                user_id: &grant.user_id,
+                kind: "grant",
+                amount: grant.amount,
+                balance_after: balance,
+                reservation_id: None,
+                message_id: Some(&grant.message_id),
+                reason: grant.reason.as_deref(),
+            },
+        )
+        .await?;
+        Ok(Applied::new(Outcome::Applied))
+    }
+
+    async fn start(
+        &self,
+        conn: &mut PgConnection,
+        start: &StreamStarted,
+        reply_to: &ReplyTo,
+    ) -> Result<(Applied, Option<serde_json::Value>), LedgerError> {
+        // A stream that already holds credits gets the same grant again
+        // and reserves nothing more.
+        if let Some(hold) = lock_hold(conn, &start.user_id, &start.stream_id).await? {
+            if hold.settle_status.is_none() {
+                let reply = hold.grant_reply.clone();
+                let mut applied = Applied::new(Outcome::Applied);
+                applied.outgoing.extend(resend_reply(reply.clone(), reply_to));
+                return Ok((applied, Some(reply)));
+            }
+            let rejection = Rejection {
+                reason: RejectReason::InvalidField,
+                detail: "field `stream_id` names a stream that was already settled".to_owned(),
+                partial: Default::default(),
+            };
+            return Ok((Applied::new(Outcome::DeadLetter(rejection)), None));
+        }
+
+        let Some((_, price)) = self.settings.model(&start.model) else {
+            let denial = self.denial(start, DenialReason::UnknownModel, None, None);
+            return Ok(self.record_denial(conn, denial, reply_to).await?);
+        };
+        let price = price.clone();
+        let prompt_tokens = count_prompt(&price, start);
+        let max_output_tokens = start.max_output_tokens.unwrap_or(price.max_output_tokens);
+        let Ok(requested) = price.cost(TokenUsage {
+            prompt_tokens,
+            cached_prompt_tokens: 0,
+            completion_tokens: max_output_tokens,
+        }) else {
+            // Settings validation keeps every cost within limits in 64
+            // bits, and decoding bounds every token count.
+            unreachable!("a hold within limits.tokens_max fits in 64 bits");
+        };
+
+        let available_after: Option<i64> = sqlx::query_scalar(
+            "UPDATE accounts \
+             SET reserved = reserved + $2, holds_open = holds_open + 1, updated_at = now() \
+             WHERE user_id = $1 AND balance - reserved >= $2 AND holds_open < $3 \
+             RETURNING balance - reserved",
+        )
+        .bind(&start.user_id)
+        .bind(requested.0)
+        .bind(i32::try_from(self.settings.reservations.max_active_per_user).unwrap_or(i32::MAX))
+        .fetch_optional(&mut *conn)
+        .await?;
+
+        let Some(available_after) = available_after else {
+            let denial = self.explain_denial(conn, start, requested).await?;
+            return Ok(self.record_denial(conn, denial, reply_to).await?);
+        };
+        assert!(available_after >= 0, "a hold never takes available below zero");
+
+        let grant = self
+            .insert_hold(conn, start, &price, prompt_tokens, max_output_tokens, requested, available_after)
+            .await?;
+        let body = serde_json::to_value(&grant).expect("events serialize");
+        let mut applied = Applied::new(Outcome::Applied);
+        applied.outgoing = enqueue(
+            conn,
+            grant.event_id,
+            "reservation.granted",
+            Some(grant.reservation_id),
+            &body,
+            reply_to,
+        )
+        .await?;
+        Ok((applied, Some(body)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn insert_hold(
+        &self,
+        conn: &mut PgConnection,
+        start: &StreamStarted,
+        price: &ModelPrice,
+        prompt_tokens: u64,
+        max_output_tokens: u64,
+        reserved: Credits,
+        available_after: i64,
+    ) -> Result<ReservationGranted, LedgerError> {
+        let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+            .fetch_one(&mut *conn)
+            .await?;
+        let ttl = chrono::Duration::seconds(self.settings.reservations.ttl_seconds as i64);
+        let grant = ReservationGranted {
+            kind: Default::default(),
+            event_id: Uuid::now_v7(),
+            user_id: start.user_id.clone(),
+            stream_id: start.stream_id.clone(),
+            reservation_id: Uuid::now_v7(),
+            model: start.model.clone(),
+            reserved: reserved.0,
+            prompt_tokens,
+            max_output_tokens,
+            available_after,
+            expires_at: now + ttl,
+        };
+        sqlx::query(
+            "INSERT INTO holds (reservation_id, user_id, stream_id, model, input_per_million, \
+             output_per_million, cached_input_per_million, encoding, reserved, prompt_tokens, \
+             max_output_tokens, last_event_at, opened_at, grant_reply) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13)",
+        )
+        .bind(grant.reservation_id)
+        .bind(&start.user_id)
+        .bind(&start.stream_id)
+        .bind(&start.model)
+        .bind(price.input_per_million)
+        .bind(price.output_per_million)
+        .bind(price.cached_input_per_million)
+        .bind(&price.encoding)
+        .bind(reserved.0)
+        .bind(to_i64(prompt_tokens))
+        .bind(to_i64(max_output_tokens))
+        .bind(now)
+        .bind(serde_json::to_value(&grant).expect("events serialize"))
+        .execute(&mut *conn)
+        .await?;
+        Ok(grant)
+    }
+
+    async fn explain_denial(
+        &self,
+        conn: &mut PgConnection,
+        start: &StreamStarted,
+        requested: Credits,
+    ) -> Result<ReservationDenied, LedgerError> {
+        let row = sqlx::query("SELECT balance - reserved AS available, holds_open FROM accounts WHERE user_id = $1")
+            .bind(&start.user_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+        let (available, holds_open) = match row {
+            Some(row) => (row.try_get::<i64, _>("available")?, row.try_get::<i32, _>("holds_open")?),
+            None => (0, 0),
+        };
+        let max_active = i64::from(self.settings.reservations.max_active_per_user);
+        let reason = if i64::from(holds_open) >= max_active {
+            DenialReason::TooManyActiveStreams
+        } else {
+            DenialReason::InsufficientCredits
+        };
+        Ok(self.denial(start, reason, Some(requested.0), Some(available)))
+    }
+
+    fn denial(
+        &self,
+        start: &StreamStarted,
+        reason: DenialReason,
+        requested: Option<i64>,
+        available: Option<i64>,
+    ) -> ReservationDenied {
+        ReservationDenied {
+            kind: Default::default(),
+            event_id: Uuid::now_v7(),
+            user_id: Some(start.user_id.clone()),
+            stream_id: Some(start.stream_id.clone()),
+            reason,
+            requested,
+            available,
+            detail: None,
+        }
+    }
+
+    async fn record_denial(
+        &self,
+        conn: &mut PgConnection,
+        denial: ReservationDenied,
+        reply_to: &ReplyTo,
+    ) -> Result<(Applied, Option<serde_json::Value>), LedgerError> {
+        let body = serde_json::to_value(&denial).expect("events serialize");
+        let mut applied = Applied::new(Outcome::Applied);
+        applied.outgoing = enqueue(
+            conn,
+            denial.event_id,
+            "reservation.denied",
+            None,
+            &body,
+            reply_to,
+        )
+        .await?;
+        Ok((applied, Some(body)))
+    }
+
+    async fn chunk(
+        &self,
+        conn: &mut PgConnection,
+        chunk: &ChunkEmitted,
+    ) -> Result<Applied, LedgerError> {
+        let Some(hold) = lock_hold(conn, &chunk.user_id, &chunk.stream_id).await? else {
+            return Ok(Applied::new(Outcome::DeadLetter(unknown_stream())));
+        };
+        if hold.settle_status.is_some() {
+            return Ok(Applied::new(Outcome::Dropped(DropReason::ChunkAfterSettlement)));
+        }
+
+        let tokens = match chunk.tokens {
+            Some(tokens) => tokens,
+            None => {
+                let bpe = tokens::encoder(&hold.price.encoding)
+                    .expect("hold encodings come from validated settings");
+                tokens::count_text(bpe, &chunk.delta)
+            }
+        };
+        let counted = hold.counted_completion_tokens + tokens;
+        let cost_so_far = cost_or_max(&hold.price, hold.prompt_tokens, counted);
+        let signal = !hold.over_signalled && cost_so_far > hold.reserved;
+
+        sqlx::query(
+            "UPDATE holds SET counted_completion_tokens = $2, chunks = chunks + 1, \
+             over_signalled = over_signalled OR $3, last_event_at = now() \
+             WHERE reservation_id = $1",
+        )
+        .bind(hold.reservation_id)
+        .bind(to_i64(counted))
+        .bind(signal)
+        .execute(&mut *conn)
+        .await?;
+
+        let mut applied = Applied::new(Outcome::Applied);
+        if signal {
+            let event = UsageOverReservation {
+                kind: Default::default(),
+                event_id: Uuid::now_v7(),
+                user_id: hold.user_id.clone(),
+                stream_id: hold.stream_id.clone(),
+                reservation_id: hold.reservation_id,
+                reserved: hold.reserved.0,
+                cost_so_far: cost_so_far.0,
+                prompt_tokens: hold.prompt_tokens,
+                counted_completion_tokens: counted,
+            };
+            let body = serde_json::to_value(&event).expect("events serialize");
+            applied.outgoing = enqueue(
+                conn,
+                event.event_id,
+                "usage.over_reservation",
+                Some(hold.reservation_id),
+                &body,
+                &ReplyTo::default(),
+            )
+            .await?;
+        }
+        Ok(applied)
+    }
+
+    async fn end(&self, conn: &mut PgConnection, end: &StreamEnded) -> Result<Applied, LedgerError> {
+        let Some(hold) = lock_hold(conn, &end.user_id, &end.stream_id).await? else {
+            return Ok(Applied::new(Outcome::DeadLetter(unknown_stream())));
+        };
+        match hold.settle_status.as_deref() {
+            None => {
+                let outgoing = self
+                    .settle_hold(conn, &hold, end.status.into(), end.usage)
+                    .await?;
+                Ok(Applied {
+                    outcome: Outcome::Applied,
+                    outgoing,
+                })
+            }
+            Some("expired") if !hold.adjusted => {
+                let outgoing = self.adjust(conn, &hold, end).await?;
+                Ok(Applied {
+                    outcome: Outcome::Applied,
+                    outgoing,
+                })
+            }
+            Some(_) => Ok(Applied::new(Outcome::Dropped(DropReason::EndAfterSettlement))),
+        }
+    }
+
+    /// Settles an open hold: charges the cost, releases the hold and
+    /// records a `reservation.settled` event.
+    async fn settle_hold(
+        &self,
+        conn: &mut PgConnection,
+        hold: &Hold,
+        status: SettleStatus,
+        usage: Option<Usage>,
+    ) -> Result<Vec<Outgoing>, LedgerError> {
+        let settlement = self.compute(hold, status, usage);
+
+        let balance: i64 = sqlx::query_scalar(
+            "UPDATE accounts SET balance = balance - $2, reserved = reserved - $3, \
+             holds_open = holds_open - 1, updated_at = now() \
+             WHERE user_id = $1 RETURNING balance",
+        )
+        .bind(&hold.user_id)
+        .bind(settlement.charged.0)
+        .bind(hold.reserved.0)
+        .fetch_one(&mut *conn)
+        .await?;
+        sqlx::query(
+            "UPDATE holds SET settled_at = now(), settle_status = $2, charged = $3 \
+             WHERE reservation_id = $1 AND settled_at IS NULL",
+        )
+        .bind(hold.reservation_id)
+        .bind(status.code())
+        .bind(settlement.charged.0)
+        .execute(&mut *conn)
+        .await?;
+        insert_ledger_entry(
+            conn,
+            LedgerEntry {
+                user_id: &hold.user_id,
+                kind: "charge",
+                amount: -settlement.charged.0,
+                balance_after: balance,
+                reservation_id: Some(hold.reservation_id),
+                message_id: None,
+                reason: Some(status.code()),
+            },
+        )
+        .await?;
+
+        let event = ReservationSettled {
+            kind: Default::default(),
+            event_id: Uuid::now_v7(),
+            user_id: hold.user_id.clone(),
+            stream_id: hold.stream_id.clone(),
+            reservation_id: hold.reservation_id,
+            model: hold.model.clone(),
+            status,
+            reserved: hold.reserved.0,
+            cost: settlement.cost.0,
+            charged: settlement.charged.0,
+            refunded: settlement.refunded.0,
+            overrun: settlement.overrun.0,
+            forgiven: settlement.forgiven.0,
+            prompt_tokens: settlement.usage.prompt_tokens,
+            cached_prompt_tokens: settlement.usage.cached_prompt_tokens,
+            completion_tokens: settlement.usage.completion_tokens,
+            counted_completion_tokens: hold.counted_completion_tokens,
+            usage_source: settlement.usage_source,
+            balance_after: balance,
+        };
+        let body = serde_json::to_value(&event).expect("events serialize");
+        Ok(enqueue(
+            conn,
+            event.event_id,
+            "reservation.settled",
+            Some(hold.reservation_id),
+            &body,
+            &ReplyTo::default(),
+        )
+        .await?)
+    }
+
+    /// Corrects an expired hold when its `stream.ended` arrives late: the
+    /// stream is settled by the usual rules and the difference to what
+    /// expiry charged is charged or given back.
+    async fn adjust(
+        &self,
+        conn: &mut PgConnection,
+        hold: &Hold,
+        end: &StreamEnded,
+    ) -> Result<Vec<Outgoing>, LedgerError> {
+        let status: SettleStatus = end.status.into();
+        let settlement = self.compute(hold, status, end.usage);
+        let previously_charged = hold.charged.expect("a settled hold has a charge");
+        let difference = settlement.charged.0 - previously_charged;
+
+        let balance: i64 = sqlx::query_scalar(
+            "UPDATE accounts SET balance = balance - $2, updated_at = now() \
+             WHERE user_id = $1 RETURNING balance",
+        )
+        .bind(&hold.user_id)
+        .bind(difference)
+        .fetch_one(&mut *conn)
+        .await?;
+        sqlx::query("UPDATE holds SET adjusted_at = now(), charged = $2 WHERE reservation_id = $1")
+            .bind(hold.reservation_id)
+            .bind(settlement.charged.0)
+            .execute(&mut *conn)
+            .await?;
+        insert_ledger_entry(
+            conn,
+            LedgerEntry {
+                user_id: &hold.user_id,
+                kind: "adjustment",
+                amount: -difference,
+                balance_after: balance,
+                reservation_id: Some(hold.reservation_id),
+                message_id: Some(&end.message_id),
+                reason: Some(status.code()),
+            },
+        )
+        .await?;
+
+        let event = ReservationAdjusted {
+            kind: Default::default(),
+            event_id: Uuid::now_v7(),
+            user_id: hold.user_id.clone(),
+            stream_id: hold.stream_id.clone(),
+            reservation_id: hold.reservation_id,
+            status,
+            previously_charged,
+            charged: settlement.charged.0,
+            difference,
+            prompt_tokens: settlement.usage.prompt_tokens,
+            cached_prompt_tokens: settlement.usage.cached_prompt_tokens,
+            completion_tokens: settlement.usage.completion_tokens,
+            usage_source: settlement.usage_source,
+            balance_after: balance,
+        };
+        let body = serde_json::to_value(&event).expect("events serialize");
+        Ok(enqueue(
+            conn,
+            event.event_id,
+            "reservation.adjusted",
+            Some(hold.reservation_id),
+            &body,
+            &ReplyTo::default(),
+        )
+        .await?)
+    }
+
+    fn compute(&self, hold: &Hold, status: SettleStatus, usage: Option<Usage>) -> Settlement {
+        settlement::settle(
+            hold.reserved,
+            &hold.price,
+            hold.counted(),
+            usage,
+            status,
+            self.settings.reservations.overrun,
+        )
+        // Usage is bounded by limits.tokens_max and prices are validated
+        // against it, so the cost fits in 64 bits.
+        .expect("a settlement within limits fits in 64 bits")
+    }
+
+    /// Expires up to `limit` holds idle for longer than the ttl, settling
+    /// each at its counted usage. Holds locked by another transaction are
+    /// skipped, so several sweepers never expire one hold twice.
+    pub async fn expire_idle(
+        &self,
+        conn: &mut PgConnection,
+        limit: i64,
+    ) -> Result<Vec<Outgoing>, LedgerError> {
+        let query = format!(
+            "SELECT {HOLD_COLUMNS} FROM holds \
+             WHERE settled_at IS NULL AND last_event_at < now() - make_interval(secs => $1) \
+             ORDER BY last_event_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(query))
+            .bind(self.settings.reservations.ttl_seconds as f64)
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await?;
+
+        let mut outgoing = Vec::new();
+        for row in &rows {
+            let hold = Hold::from_row(row)?;
+            outgoing.extend(self.settle_hold(conn, &hold, SettleStatus::Expired, None).await?);
+        }
+        Ok(outgoing)
+    }
+}
+
+fn count_prompt(price: &ModelPrice, start: &StreamStarted) -> u64 {
+    let bpe = tokens::encoder(&price.encoding).expect("model encodings are validated at start");
+    match start.prompt_input() {
+        PromptInput::Tokens(tokens) => tokens,
+        PromptInput::Text(text) => tokens::count_text(bpe, text),
+        PromptInput::Messages(messages) => tokens::count_chat(
+            bpe,
+            messages.iter().map(|message| tokens::ChatText {
+                role: &message.role,
+                name: message.name.as_deref(),
+                content: &message.content,
+            }),
+        ),
+    }
+}
+
+fn cost_or_max(price: &ModelPrice, prompt_tokens: u64, completion_tokens: u64) -> Credits {
+    price
+        .cost(TokenUsage {
+            prompt_tokens,
+            cached_prompt_tokens: 0,
+            completion_tokens,
+        })
+        .unwrap_or(Credits(i64::MAX))
+}
+
+fn unknown_stream() -> Rejection {
+    Rejection {
+        reason: RejectReason::UnknownStream,
+        detail: "no reservation exists for this user_id and stream_id".to_owned(),
+        partial: Default::default(),
+    }
+}
+
+async fn lock_hold(
+    conn: &mut PgConnection,
+    user_id: &str,
+    stream_id: &str,
+) -> Result<Option<Hold>, LedgerError> {
+    let query = format!(
+        "SELECT {HOLD_COLUMNS} FROM holds WHERE user_id = $1 AND stream_id = $2 FOR UPDATE"
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(query))
+        .bind(user_id)
+        .bind(stream_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(row.as_ref().map(Hold::from_row).transpose()?)
+}
+
+struct LedgerEntry<'a> {
+    user_id: &'a str,
+    kind: &'static str,
+    amount: i64,
+    balance_after: i64,
+    reservation_id: Option<Uuid>,
+    message_id: Option<&'a str>,
+    reason: Option<&'a str>,
+}
+
+async fn insert_ledger_entry(
+    conn: &mut PgConnection,
+    entry: LedgerEntry<'_>,
+) -> Result<(), LedgerError> {
+    sqlx::query(
+        "INSERT INTO ledger (user_id, kind, amount, balance_after, reservation_id, message_id, reason) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(entry.user_id)
+    .bind(entry.kind)
+    .bind(entry.amount)
+    .bind(entry.balance_after)
+    .bind(entry.reservation_id)
+    .bind(entry.message_id)
+    .bind(entry.reason)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Stores an event in the outbox: once for the results exchange and, when
+/// the delivery asked for a reply, once more for its `reply_to` queue.
+async fn enqueue(
+    conn: &mut PgConnection,
+    event_id: Uuid,
+    event_type: &str,
+    reservation_id: Option<Uuid>,
+    body: &serde_json::Value,
+    reply_to: &ReplyTo,
+) -> Result<Vec<Outgoing>, LedgerError> {
+    let mut targets = vec![(Destination::Event, event_type.to_owned(), None)];
+    if let Some(queue) = &reply_to.queue {
+        targets.push((Destination::Reply, queue.clone(), reply_to.correlation_id.clone()));
+    }
+
+    let mut outgoing = Vec::with_capacity(targets.len());
+    for (destination, routing_key, correlation_id) in targets {
+        let outbox_id: i64 = sqlx::query_scalar(
+            "INSERT INTO outbox (event_id, destination, routing_key, correlation_id, \
+             event_type, reservation_id, body) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             RETURNING outbox_id",
+        )
+        .bind(event_id)
+        .bind(destination.code())
+        .bind(&routing_key)
+        .bind(&correlation_id)
+        .bind(event_type)
+        .bind(reservation_id)
+        .bind(body)
+        .fetch_one(&mut *conn)
+        .await?;
+        outgoing.push(Outgoing {
+            outbox_id: Some(outbox_id),
+            destination,
+            routing_key,
+            correlation_id,
+            event_type: event_type.to_owned(),
+            body: body.clone(),
+        });
+    }
+    Ok(outgoing)
+}
+
+/// The stored reply of a start, addressed to this delivery's `reply_to`.
+fn resend_reply(reply: serde_json::Value, reply_to: &ReplyTo) -> Option<Outgoing> {
+    let queue = reply_to.queue.clone()?;
+    let event_type = reply
+        .get("type")
+        .and_then(|kind| kind.as_str())
+        .unwrap_or("reservation.granted")
+        .to_owned();
+    Some(Outgoing {
+        outbox_id: None,
+        destination: Destination::Reply,
+        routing_key: queue,
+        correlation_id: reply_to.correlation_id.clone(),
+        event_type,
+        body: reply,
+    })
+}
+
+/// Marks outbox rows as published.
+pub async fn mark_published(conn: &mut PgConnection, outbox_ids: &[i64]) -> Result<(), LedgerError> {
+    if outbox_ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("UPDATE outbox SET published_at = now() WHERE outbox_id = ANY($1)")
+        .bind(outbox_ids)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Locks up to `limit` outbox rows that were not published within
+/// `age_seconds` of being written, for a relay to publish. Rows locked by
+/// another relay are skipped.
+pub async fn lock_unpublished(
+    conn: &mut PgConnection,
+    age_seconds: f64,
+    limit: i64,
+) -> Result<Vec<Outgoing>, LedgerError> {
+    let rows = sqlx::query(
+        "SELECT outbox_id, destination, routing_key, correlation_id, event_type, body \
+         FROM outbox WHERE published_at IS NULL AND created_at < now() - make_interval(secs => $1) \
+         ORDER BY outbox_id LIMIT $2 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(age_seconds)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(Outgoing {
+                outbox_id: Some(row.try_get("outbox_id")?),
+                destination: Destination::from_code(row.try_get("destination")?),
+                routing_key: row.try_get("routing_key")?,
+                correlation_id: row.try_get("correlation_id")?,
+                event_type: row.try_get("event_type")?,
+                body: row.try_get("body")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(LedgerError::from)
+}
+
+/// An account as the CLI and the HTTP endpoint show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
+pub struct AccountView {
+    pub user_id: String,
+    pub balance: i64,
+    pub reserved: i64,
+    pub available: i64,
+}
+
+/// Reads one account; `None` for a user never granted credits.
+pub async fn account(conn: &mut PgConnection, user_id: &str) -> Result<Option<AccountView>, LedgerError> {
+    let row = sqlx::query("SELECT balance, reserved FROM accounts WHERE user_id = $1")
+        .bind(user_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let balance: i64 = row.try_get("balance")?;
+    let reserved: i64 = row.try_get("reserved")?;
+    Ok(Some(AccountView {
+        user_id: user_id.to_owned(),
+        balance,
+        reserved,
+        available: balance - reserved,
+    }))
+}

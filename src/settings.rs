@@ -1,0 +1,663 @@
+//! Layered, validated settings: built-in defaults, then an optional TOML
+//! file, then `STREAM_CREDITS__SECTION__KEY` environment variables.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::pricing::{self, ModelPrice};
+
+/// Prefix of the environment variables that override settings.
+pub const ENV_PREFIX: &str = "STREAM_CREDITS";
+
+/// File read when `--config` is not given and the file exists.
+pub const DEFAULT_FILE: &str = "stream-credits.toml";
+
+/// A settings failure. Every variant maps to exit code 2.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("settings file {path} not found")]
+    FileNotFound { path: PathBuf },
+    #[error("invalid settings: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid setting `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+impl SettingsError {
+    fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A connection URL that may carry a password. `Debug` and `Display` show
+/// it with the password replaced, so it is safe in logs and errors.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// Wraps a URL string.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL with its password, for the connection only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// Replaces the password of a URL with `***`. Text that is not a URL is
+/// replaced whole, because it may still hold a secret.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) => {
+            if url.password().is_some() {
+                let _ = url.set_password(Some("***"));
+            }
+            url.to_string()
+        }
+        Err(_) => "<unparsable URL>".to_owned(),
+    }
+}
+
+/// What happens when the cost of a stream exceeds its hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Overrun {
+    /// The user pays the whole cost; the balance may go below zero.
+    Debit,
+    /// The user pays at most the hold; the rest is forgiven.
+    Cap,
+}
+
+/// Log output style.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// All settings of the binary.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub amqp: AmqpSettings,
+    pub topology: TopologySettings,
+    pub reservations: ReservationSettings,
+    pub limits: LimitSettings,
+    pub worker: WorkerSettings,
+    pub http: HttpSettings,
+    pub log: LogSettings,
+    /// Price table by lower-case model name. Loaded apart from the other
+    /// sections because model names contain dots (`gpt-4.1`), which the
+    /// `config` crate would read as nested keys.
+    #[serde(skip_serializing, default = "pricing::builtin_models")]
+    pub models: BTreeMap<String, ModelPrice>,
+}
+
+/// Fields of one model that a settings file or variable may set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelOverride {
+    input_per_million: Option<i64>,
+    output_per_million: Option<i64>,
+    cached_input_per_million: Option<i64>,
+    encoding: Option<String>,
+    max_output_tokens: Option<u64>,
+}
+
+/// Prefix of the environment variables that set model prices.
+const MODEL_ENV_PREFIX: &str = "STREAM_CREDITS__MODELS__";
+
+/// PostgreSQL connection settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DatabaseSettings {
+    /// The database; created when missing.
+    pub url: SecretUrl,
+    /// Pool size of one worker process.
+    pub max_connections: u32,
+    /// How long a query waits for a pooled connection before it counts as
+    /// a database outage.
+    pub acquire_timeout_seconds: u64,
+}
+
+/// RabbitMQ connection settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AmqpSettings {
+    pub url: SecretUrl,
+    /// Unacknowledged deliveries per shard consumer.
+    pub prefetch: u16,
+}
+
+/// Names and shape of the broker topology.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TopologySettings {
+    /// First part of every exchange and queue name.
+    pub prefix: String,
+    /// Number of shard queues bound to the consistent-hash exchange.
+    pub shards: u16,
+    /// Deliveries of one message before the broker dead-letters it. Fixed
+    /// when a shard queue is first declared: RabbitMQ refuses a redeclare
+    /// with other arguments.
+    pub delivery_limit: u32,
+}
+
+/// Reservation behaviour.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReservationSettings {
+    /// Idle time after which a hold expires.
+    pub ttl_seconds: u64,
+    /// How often the expiry sweep runs.
+    pub sweep_interval_seconds: u64,
+    /// Open holds one user may have at once.
+    pub max_active_per_user: u32,
+    pub overrun: Overrun,
+}
+
+/// Bounds on input, each with the reason for its value.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LimitSettings {
+    /// Largest message body accepted. 1 MiB fits any realistic chat prompt
+    /// and keeps one message from filling a worker's memory.
+    pub message_bytes_max: usize,
+    /// Longest `message_id`, `user_id` or `stream_id`, in characters. 200
+    /// fits a UUID with any sensible prefix, and bounds index size.
+    pub id_chars_max: usize,
+    /// Largest token count one message may state (`prompt_tokens`,
+    /// `max_output_tokens`, `tokens`, usage fields). 10 million is far
+    /// above any model's context window, so only a broken producer hits
+    /// it, and it keeps every cost well inside 64 bits.
+    pub tokens_max: u64,
+    /// Most chunks one stream may report. 1 million deltas is more than
+    /// ten times the longest output of any current model.
+    pub chunks_per_stream_max: u64,
+}
+
+/// How the worker takes work from the broker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerSettings {
+    /// Most deliveries applied in one database transaction.
+    pub batch_messages_max: usize,
+    /// Longest wait for in-flight work on SIGTERM or SIGINT.
+    pub shutdown_timeout_seconds: u64,
+}
+
+/// HTTP endpoint settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HttpSettings {
+    /// Address of `/metrics`, `/healthz` and `/readyz`; empty turns it off.
+    pub listen: String,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `stream_credits=debug`.
+    pub level: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            database: DatabaseSettings {
+                url: SecretUrl::new("postgres://127.0.0.1:5432/stream_credits"),
+                max_connections: 10,
+                acquire_timeout_seconds: 5,
+            },
+            amqp: AmqpSettings {
+                url: SecretUrl::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+                prefetch: 500,
+            },
+            topology: TopologySettings {
+                prefix: "credits".to_owned(),
+                shards: 8,
+                delivery_limit: 5,
+            },
+            reservations: ReservationSettings {
+                ttl_seconds: 900,
+                sweep_interval_seconds: 30,
+                max_active_per_user: 16,
+                overrun: Overrun::Debit,
+            },
+            limits: LimitSettings {
+                message_bytes_max: 1024 * 1024,
+                id_chars_max: 200,
+                tokens_max: 10_000_000,
+                chunks_per_stream_max: 1_000_000,
+            },
+            worker: WorkerSettings {
+                batch_messages_max: 256,
+                shutdown_timeout_seconds: 30,
+            },
+            http: HttpSettings {
+                listen: "127.0.0.1:9464".to_owned(),
+            },
+            log: LogSettings {
+                format: LogFormat::Text,
+                level: "info".to_owned(),
+            },
+            models: pricing::builtin_models(),
+        }
+    }
+}
+
+impl Settings {
+    /// Loads settings from the defaults, `file` (or `stream-credits.toml`
+    /// when it exists) and the environment, then validates them.
+    pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
+        let settings = Self::load_unvalidated(file, std::env::vars())?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Loads settings like [`Settings::load`] from an explicit set of
+    /// environment variables, without validating them.
+    pub fn load_unvalidated(
+        file: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, SettingsError> {
+        let defaults = config::Config::try_from(&Self::default())?;
+        let mut builder = config::Config::builder().add_source(defaults);
+
+        let path = match file {
+            Some(path) if !path.exists() => {
+                return Err(SettingsError::FileNotFound {
+                    path: path.to_owned(),
+                });
+            }
+            Some(path) => Some(path),
+            None if Path::new(DEFAULT_FILE).exists() => Some(Path::new(DEFAULT_FILE)),
+            None => None,
+        };
+        let mut model_layers = Vec::new();
+        if let Some(path) = path {
+            let (rest, models) = read_toml(path)?;
+            builder = builder.add_source(config::File::from_str(&rest, config::FileFormat::Toml));
+            model_layers.push(models);
+        }
+
+        let (model_vars, vars): (Vec<_>, Vec<_>) = vars
+            .into_iter()
+            .filter(|(key, _)| key.starts_with(ENV_PREFIX))
+            .partition(|(key, _)| key.to_ascii_uppercase().starts_with(MODEL_ENV_PREFIX));
+        model_layers.push(models_from_env(model_vars)?);
+        let environment = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .source(Some(vars.into_iter().collect()));
+
+        let mut settings: Self = builder.add_source(environment).build()?.try_deserialize()?;
+        for layer in model_layers {
+            apply_model_overrides(&mut settings.models, layer)?;
+        }
+        Ok(settings)
+    }
+
+    /// Checks every value that the types alone cannot, naming the key of
+    /// the first bad one.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        validate_url(
+            "database.url",
+            self.database.url.expose(),
+            &["postgres", "postgresql"],
+        )?;
+        validate_url("amqp.url", self.amqp.url.expose(), &["amqp", "amqps"])?;
+        self.validate_counts()?;
+        self.validate_topology()?;
+        if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(SettingsError::invalid(
+                "http.listen",
+                format!("`{}` is not an IP address and port", self.http.listen),
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(SettingsError::invalid(
+                "log.level",
+                format!("`{}` is not a tracing filter", self.log.level),
+            ));
+        }
+        for (name, price) in &self.models {
+            price
+                .validate(self.limits.tokens_max)
+                .map_err(|(field, reason)| {
+                    SettingsError::invalid(format!("models.{name}.{field}"), reason)
+                })?;
+        }
+        Ok(())
+    }
+
+    fn validate_counts(&self) -> Result<(), SettingsError> {
+        let positive: [(&str, u64); 9] = [
+            ("database.max_connections", self.database.max_connections.into()),
+            ("amqp.prefetch", self.amqp.prefetch.into()),
+            ("topology.shards", self.topology.shards.into()),
+            ("topology.delivery_limit", self.topology.delivery_limit.into()),
+            ("reservations.ttl_seconds", self.reservations.ttl_seconds),
+            (
+                "reservations.sweep_interval_seconds",
+                self.reservations.sweep_interval_seconds,
+            ),
+            (
+                "reservations.max_active_per_user",
+                self.reservations.max_active_per_user.into(),
+            ),
+            ("limits.tokens_max", self.limits.tokens_max),
+            (
+                "worker.batch_messages_max",
+                self.worker.batch_messages_max as u64,
+            ),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(SettingsError::invalid(key, "must be greater than zero"));
+            }
+        }
+        if self.limits.id_chars_max == 0 || self.limits.message_bytes_max == 0 {
+            return Err(SettingsError::invalid(
+                "limits",
+                "id_chars_max and message_bytes_max must be greater than zero",
+            ));
+        }
+        // A ttl near i64::MAX seconds would overflow the interval sent to
+        // PostgreSQL; ten years is far beyond any useful value.
+        const TTL_SECONDS_MAX: u64 = 10 * 365 * 24 * 3600;
+        if self.reservations.ttl_seconds > TTL_SECONDS_MAX {
+            return Err(SettingsError::invalid(
+                "reservations.ttl_seconds",
+                format!("must be at most {TTL_SECONDS_MAX}"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_topology(&self) -> Result<(), SettingsError> {
+        let prefix = &self.topology.prefix;
+        // Queue names are at most 255 bytes in AMQP 0-9-1; the longest name
+        // built from the prefix adds `.events.shard.65535`.
+        let valid = !prefix.is_empty()
+            && prefix.len() <= 200
+            && prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+        if !valid {
+            return Err(SettingsError::invalid(
+                "topology.prefix",
+                "must be 1 to 200 characters of letters, digits, '.', '-' or '_'",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The price entry of `model`: its own, else that of its undated name.
+    pub fn model(&self, model: &str) -> Option<(&str, &ModelPrice)> {
+        pricing::lookup(&self.models, model)
+    }
+}
+
+/// Reads a TOML settings file, returning it without its `models` table
+/// and the model overrides from that table.
+fn read_toml(path: &Path) -> Result<(String, BTreeMap<String, ModelOverride>), SettingsError> {
+    let file_error = |reason: String| SettingsError::invalid(path.display().to_string(), reason);
+    let text = std::fs::read_to_string(path).map_err(|error| file_error(error.to_string()))?;
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|error: toml::de::Error| file_error(error.message().to_owned()))?;
+    let models = match table.remove("models") {
+        None => BTreeMap::new(),
+        Some(toml::Value::Table(models)) => models
+            .into_iter()
+            .map(|(name, value)| {
+                let key = format!("models.{name}");
+                let parsed = ModelOverride::deserialize(value)
+                    .map_err(|error| SettingsError::invalid(&key, error.message().to_owned()))?;
+                Ok((name.to_ascii_lowercase(), parsed))
+            })
+            .collect::<Result<_, SettingsError>>()?,
+        Some(_) => return Err(SettingsError::invalid("models", "must be a table")),
+    };
+    let rest = toml::to_string(&table).map_err(|error| file_error(error.to_string()))?;
+    Ok((rest, models))
+}
+
+/// Reads `STREAM_CREDITS__MODELS__<NAME>__<FIELD>` variables.
+fn models_from_env(
+    vars: Vec<(String, String)>,
+) -> Result<BTreeMap<String, ModelOverride>, SettingsError> {
+    let mut models: BTreeMap<String, ModelOverride> = BTreeMap::new();
+    for (key, value) in vars {
+        let rest = &key[MODEL_ENV_PREFIX.len()..];
+        let Some((name, field)) = rest.rsplit_once("__") else {
+            return Err(SettingsError::invalid(
+                key.as_str(),
+                "expected STREAM_CREDITS__MODELS__<MODEL>__<FIELD>",
+            ));
+        };
+        let name = name.to_ascii_lowercase();
+        let field = field.to_ascii_lowercase();
+        let setting = format!("models.{name}.{field}");
+        let entry = models.entry(name).or_default();
+        let integer = |value: &str| {
+            value
+                .trim()
+                .parse::<i64>()
+                .map_err(|_| SettingsError::invalid(&setting, format!("`{value}` is not an integer")))
+        };
+        match field.as_str() {
+            "input_per_million" => entry.input_per_million = Some(integer(&value)?),
+            "output_per_million" => entry.output_per_million = Some(integer(&value)?),
+            "cached_input_per_million" => entry.cached_input_per_million = Some(integer(&value)?),
+            "encoding" => entry.encoding = Some(value),
+            "max_output_tokens" => {
+                let tokens = u64::try_from(integer(&value)?)
+                    .map_err(|_| SettingsError::invalid(&setting, "must not be negative"))?;
+                entry.max_output_tokens = Some(tokens);
+            }
+            _ => return Err(SettingsError::invalid(&setting, "unknown model field")),
+        }
+    }
+    Ok(models)
+}
+
+/// Applies overrides onto the price table. A model that is not in the
+/// table yet must set every required field.
+fn apply_model_overrides(
+    models: &mut BTreeMap<String, ModelPrice>,
+    overrides: BTreeMap<String, ModelOverride>,
+) -> Result<(), SettingsError> {
+    for (name, layer) in overrides {
+        let price = match models.remove(&name) {
+            Some(mut price) => {
+                if let Some(value) = layer.input_per_million {
+                    price.input_per_million = value;
+                }
+                if let Some(value) = layer.output_per_million {
+                    price.output_per_million = value;
+                }
+                if layer.cached_input_per_million.is_some() {
+                    price.cached_input_per_million = layer.cached_input_per_million;
+                }
+                if let Some(value) = layer.encoding {
+                    price.encoding = value;
+                }
+                if let Some(value) = layer.max_output_tokens {
+                    price.max_output_tokens = value;
+                }
+                price
+            }
+            None => {
+                let missing = |field: &str| {
+                    SettingsError::invalid(
+                        format!("models.{name}.{field}"),
+                        "missing; a model not in the built-in table must set it",
+                    )
+                };
+                ModelPrice {
+                    input_per_million: layer.input_per_million.ok_or_else(|| missing("input_per_million"))?,
+                    output_per_million: layer
+                        .output_per_million
+                        .ok_or_else(|| missing("output_per_million"))?,
+                    cached_input_per_million: layer.cached_input_per_million,
+                    encoding: layer.encoding.ok_or_else(|| missing("encoding"))?,
+                    max_output_tokens: layer
+                        .max_output_tokens
+                        .ok_or_else(|| missing("max_output_tokens"))?,
+                }
+            }
+        };
+        models.insert(name, price);
+    }
+    Ok(())
+}
+
+fn validate_url(key: &str, raw: &str, schemes: &[&str]) -> Result<(), SettingsError> {
+    let url = url::Url::parse(raw).map_err(|error| {
+        SettingsError::invalid(key, format!("`{}` is not a URL: {error}", redact_url(raw)))
+    })?;
+    if !schemes.contains(&url.scheme()) {
+        return Err(SettingsError::invalid(
+            key,
+            format!(
+                "scheme `{}` is not one of {}",
+                url.scheme(),
+                schemes.join(", ")
+            ),
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(SettingsError::invalid(key, "the URL has no host"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_with(vars: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        let vars = vars
+            .iter()
+            .map(|(key, value)| (key.to_string(), value.to_string()));
+        let settings = Settings::load_unvalidated(None, vars)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn error_text(vars: &[(&str, &str)]) -> String {
+        load_with(vars).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let settings = load_with(&[]).unwrap();
+        assert_eq!(settings.topology.prefix, "credits");
+        assert_eq!(settings.topology.shards, 8);
+        assert_eq!(settings.reservations.ttl_seconds, 900);
+        assert_eq!(settings.reservations.overrun, Overrun::Debit);
+    }
+
+    #[test]
+    fn environment_overrides_defaults() {
+        let settings = load_with(&[
+            ("STREAM_CREDITS__TOPOLOGY__SHARDS", "3"),
+            ("STREAM_CREDITS__RESERVATIONS__OVERRUN", "cap"),
+            ("STREAM_CREDITS__MODELS__GPT-4O__INPUT_PER_MILLION", "7"),
+        ])
+        .unwrap();
+        assert_eq!(settings.topology.shards, 3);
+        assert_eq!(settings.reservations.overrun, Overrun::Cap);
+        assert_eq!(settings.models["gpt-4o"].input_per_million, 7);
+        assert_eq!(settings.models["gpt-4o"].output_per_million, 10_000_000);
+    }
+
+    #[test]
+    fn file_adds_models_with_dotted_names() {
+        let dir = std::env::temp_dir().join(format!("settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("models.toml");
+        std::fs::write(
+            &path,
+            "[topology]\nprefix = \"filed\"\n\n[models.\"acme-1.5\"]\ninput_per_million = 3\n\
+             output_per_million = 4\nencoding = \"cl100k_base\"\nmax_output_tokens = 99\n\n\
+             [models.\"gpt-4.1\"]\noutput_per_million = 5\n",
+        )
+        .unwrap();
+        let settings = Settings::load_unvalidated(Some(&path), Vec::new()).unwrap();
+        settings.validate().unwrap();
+        assert_eq!(settings.topology.prefix, "filed");
+        assert_eq!(settings.models["acme-1.5"].max_output_tokens, 99);
+        assert_eq!(settings.models["gpt-4.1"].output_per_million, 5);
+        assert_eq!(settings.models["gpt-4.1"].input_per_million, 2_000_000);
+    }
+
+    #[test]
+    fn file_with_negative_price_names_the_key() {
+        let dir = std::env::temp_dir().join(format!("settings-neg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("negative.toml");
+        std::fs::write(&path, "[models.gpt-4o]\ninput_per_million = -5\n").unwrap();
+        let settings = Settings::load_unvalidated(Some(&path), Vec::new()).unwrap();
+        let text = settings.validate().unwrap_err().to_string();
+        assert!(text.contains("models.gpt-4o.input_per_million"), "{text}");
+    }
+
+    #[test]
+    fn zero_shards_name_the_key() {
+        let text = error_text(&[("STREAM_CREDITS__TOPOLOGY__SHARDS", "0")]);
+        assert!(text.contains("topology.shards"), "{text}");
+    }
+
+    #[test]
+    fn negative_price_names_the_key() {
+        let text = error_text(&[("STREAM_CREDITS__MODELS__GPT-4O__OUTPUT_PER_MILLION", "-1")]);
+        assert!(text.contains("models.gpt-4o.output_per_million"), "{text}");
+    }
+
+    #[test]
+    fn unparsable_url_names_the_key() {
+        let text = error_text(&[("STREAM_CREDITS__AMQP__URL", "not a url")]);
+        assert!(text.contains("amqp.url"), "{text}");
+    }
+
+    #[test]
+    fn url_errors_hide_the_password() {
+        let text = error_text(&[("STREAM_CREDITS__DATABASE__URL", "mysql://u:hunter2@h/db")]);
+        assert!(text.contains("database.url"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn secret_url_debug_hides_the_password() {
+        let url = SecretUrl::new("amqp://guest:s3cret@127.0.0.1:5672/%2f");
+        assert!(!format!("{url:?}").contains("s3cret"));
+        assert!(!url.to_string().contains("s3cret"));
+        assert!(url.redacted().contains("guest:***@"));
+    }
+}

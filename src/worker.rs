@@ -1,0 +1,679 @@
+//! The worker: consumes every shard queue, applies messages to the ledger
+//! in batches, publishes replies and events, dead-letters what cannot be
+//! applied, and acknowledges only after all of that is done.
+//!
+//! A supervisor loop owns the broker connection. When the connection is
+//! lost it reconnects with backoff, declares the topology again and
+//! resumes; unacknowledged deliveries come back from the broker, and the
+//! processed-message ids make applying them again harmless. While the
+//! database is unreachable a shard stops taking messages and retries the
+//! same batch with backoff, so an outage dead-letters nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::broker::{self, BrokerError, DeadLetter};
+use crate::db;
+use crate::ledger::{self, Applied, Ledger, LedgerError, Outcome, Outgoing, ReplyTo};
+use crate::messages::{self, DenialReason, Inbound, Rejection, ReservationDenied};
+use crate::settings::Settings;
+use crate::topology::{self, Names, TopologyError};
+
+/// Longest pause between two attempts to reach the broker or database.
+const RETRY_DELAY_MAX: Duration = Duration::from_secs(30);
+
+/// First pause after a failed attempt.
+const RETRY_DELAY_MIN: Duration = Duration::from_millis(200);
+
+/// How often unpublished outbox rows are looked for.
+const RELAY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Age after which an unpublished outbox row is taken to be orphaned by a
+/// crash between commit and publish, rather than in flight.
+const RELAY_AGE_SECONDS: f64 = 10.0;
+
+/// Most holds expired or outbox rows relayed in one transaction.
+const SWEEP_BATCH_MAX: i64 = 200;
+
+/// A failure that ends the worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Bad settings or a broker that cannot host the topology: exit 2.
+    #[error(transparent)]
+    Topology(TopologyError),
+    /// The database cannot be prepared and retrying will not help.
+    #[error(transparent)]
+    Database(db::DbError),
+}
+
+/// Why a broker session ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Fatal(WorkerError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("lost the broker: {0}")]
+    Lost(String),
+}
+
+impl From<lapin::Error> for SessionError {
+    fn from(error: lapin::Error) -> Self {
+        Self::Broker(BrokerError::Amqp(error))
+    }
+}
+
+fn backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(RETRY_DELAY_MIN)
+        .with_max_delay(RETRY_DELAY_MAX)
+        .with_jitter()
+        .without_max_times()
+}
+
+/// Runs the worker until `shutdown` is cancelled, then drains and returns.
+pub async fn run(settings: Arc<Settings>, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    let pool = tokio::select! {
+        pool = prepare_database(&settings) => pool?,
+        () = shutdown.cancelled() => return Ok(()),
+    };
+    let worker = Worker {
+        ledger: Ledger::new(settings.clone()),
+        settings,
+        pool,
+        shutdown,
+    };
+    worker.supervise().await
+}
+
+/// Creates and migrates the database, retrying while it is unreachable.
+async fn prepare_database(settings: &Settings) -> Result<PgPool, WorkerError> {
+    (|| db::migrate(&settings.database))
+        .retry(backoff())
+        .when(db::DbError::is_retryable)
+        .notify(|error, delay| warn!(%error, ?delay, "database not ready, retrying"))
+        .await
+        .map_err(WorkerError::Database)
+}
+
+#[derive(Clone)]
+struct Worker {
+    settings: Arc<Settings>,
+    ledger: Ledger,
+    pool: PgPool,
+    shutdown: CancellationToken,
+}
+
+impl Worker {
+    async fn supervise(&self) -> Result<(), WorkerError> {
+        let mut attempt_delay = backoff().build();
+        while !self.shutdown.is_cancelled() {
+            let started = tokio::time::Instant::now();
+            match self.session().await {
+                Ok(()) => break,
+                Err(SessionError::Fatal(error)) => return Err(error),
+                Err(error) => {
+                    metrics::counter!("stream_credits_reconnects_total").increment(1);
+                    // A session that ran a while resets the backoff, so a
+                    // single drop reconnects quickly.
+                    if started.elapsed() > RETRY_DELAY_MAX {
+                        attempt_delay = backoff().build();
+                    }
+                    let delay = attempt_delay.next().unwrap_or(RETRY_DELAY_MAX);
+                    warn!(%error, ?delay, "broker session ended, reconnecting");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = self.shutdown.cancelled() => break,
+                    }
+                }
+            }
+        }
+        self.pool.close().await;
+        info!("worker stopped");
+        Ok(())
+    }
+
+    /// One broker connection: declare, consume until shutdown or failure.
+    async fn session(&self) -> Result<(), SessionError> {
+        let connection = broker::connect(&self.settings.amqp.url, "stream-credits worker").await?;
+        let setup = connection.create_channel().await?;
+        let names = topology::declare(&setup, &self.settings.topology)
+            .await
+            .map_err(|error| match error {
+                TopologyError::Broker(error) => SessionError::from(error),
+                fatal => SessionError::Fatal(WorkerError::Topology(fatal)),
+            })?;
+        let names = Arc::new(names);
+        info!(prefix = %self.settings.topology.prefix, shards = self.settings.topology.shards, "topology declared, consuming");
+
+        let session_stop = self.shutdown.child_token();
+        let mut tasks = JoinSet::new();
+        for index in 0..self.settings.topology.shards {
+            let channel = broker::confirm_channel(&connection).await?;
+            let shard = Shard {
+                worker: self.clone(),
+                names: names.clone(),
+                channel,
+                queue: names.shard(index),
+                stop: session_stop.clone(),
+            };
+            tasks.spawn(shard.consume());
+        }
+        let maintenance = Maintenance {
+            worker: self.clone(),
+            names: names.clone(),
+            channel: broker::confirm_channel(&connection).await?,
+            stop: session_stop.clone(),
+        };
+        tasks.spawn(maintenance.run());
+
+        let result = self.wait(&connection, &mut tasks, &session_stop).await;
+        session_stop.cancel();
+        let drain = Duration::from_secs(self.settings.worker.shutdown_timeout_seconds);
+        if tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} })
+            .await
+            .is_err()
+        {
+            warn!(?drain, "in-flight work did not finish in time; unacknowledged messages will be redelivered");
+            tasks.abort_all();
+        }
+        let _ = connection.close(200, "worker stopping".into()).await;
+        result
+    }
+
+    async fn wait(
+        &self,
+        connection: &Connection,
+        tasks: &mut JoinSet<Result<(), SessionError>>,
+        session_stop: &CancellationToken,
+    ) -> Result<(), SessionError> {
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => {
+                    info!("shutdown requested, draining");
+                    return Ok(());
+                }
+                joined = tasks.join_next() => {
+                    let result = match joined {
+                        Some(Ok(result)) => result,
+                        Some(Err(join_error)) => Err(SessionError::Lost(join_error.to_string())),
+                        None => Err(SessionError::Lost("every consumer stopped".to_owned())),
+                    };
+                    if self.shutdown.is_cancelled() {
+                        return Ok(());
+                    }
+                    session_stop.cancel();
+                    return match result {
+                        Ok(()) => Err(SessionError::Lost(format!(
+                            "a consumer stopped (connection connected: {})",
+                            connection.status().connected()
+                        ))),
+                        Err(error) => Err(error),
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// The consumer of one shard queue.
+struct Shard {
+    worker: Worker,
+    names: Arc<Names>,
+    channel: Channel,
+    queue: String,
+    stop: CancellationToken,
+}
+
+/// What happens to one delivery once its batch is done.
+#[derive(Debug)]
+enum Disposition {
+    Ack,
+    DeadLetter(Rejection),
+    Requeue,
+}
+
+/// One delivery, decoded.
+struct Item {
+    delivery: Delivery,
+    message: Result<Inbound, Rejection>,
+    reply_to: ReplyTo,
+}
+
+impl Shard {
+    async fn consume(self) -> Result<(), SessionError> {
+        self.channel
+            .basic_qos(self.worker.settings.amqp.prefetch, BasicQosOptions::default())
+            .await?;
+        let mut consumer = self
+            .channel
+            .basic_consume(
+                self.queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        debug!(queue = %self.queue, "subscribed");
+
+        let batch_max = self.worker.settings.worker.batch_messages_max;
+        loop {
+            let first = tokio::select! {
+                biased;
+                () = self.stop.cancelled() => break,
+                next = consumer.next() => next,
+            };
+            let Some(first) = first else {
+                return Err(SessionError::Lost(format!("consumer of {} ended", self.queue)));
+            };
+            let mut deliveries = vec![first?];
+            // Take whatever else is already here, without waiting, so a
+            // busy shard commits many messages per transaction and an idle
+            // one answers at once.
+            while deliveries.len() < batch_max {
+                match consumer.next().now_or_never() {
+                    Some(Some(delivery)) => deliveries.push(delivery?),
+                    _ => break,
+                }
+            }
+            if !self.process(deliveries).await? {
+                break;
+            }
+        }
+
+        let _ = self
+            .channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await;
+        Ok(())
+    }
+
+    /// Applies one batch and settles its deliveries with the broker.
+    /// Returns false when shutdown interrupted a database retry, in which
+    /// case nothing was acknowledged and the broker will redeliver.
+    async fn process(&self, deliveries: Vec<Delivery>) -> Result<bool, SessionError> {
+        let limits = &self.worker.settings.limits;
+        let items: Vec<Item> = deliveries
+            .into_iter()
+            .map(|delivery| Item {
+                message: messages::decode(&delivery.data, limits),
+                reply_to: reply_address(&delivery),
+                delivery,
+            })
+            .collect();
+
+        let Some(results) = self.apply_with_retry(&items).await else {
+            return Ok(false);
+        };
+
+        let mut outgoing: Vec<Outgoing> = Vec::new();
+        let mut dispositions = Vec::with_capacity(items.len());
+        for (item, result) in items.iter().zip(results) {
+            let disposition = match (&item.message, result) {
+                (Err(rejection), _) => {
+                    outgoing.extend(invalid_request_reply(rejection, &item.reply_to));
+                    Disposition::DeadLetter(rejection.clone())
+                }
+                (Ok(_), Some(Ok(applied))) => {
+                    outgoing.extend(applied.outgoing);
+                    record_outcome(item, &applied.outcome);
+                    match applied.outcome {
+                        Outcome::DeadLetter(rejection) => Disposition::DeadLetter(rejection),
+                        _ => Disposition::Ack,
+                    }
+                }
+                (Ok(_), _) => Disposition::Requeue,
+            };
+            dispositions.push(disposition);
+        }
+
+        self.dead_letter_all(&items, &dispositions).await?;
+        broker::publish_outgoing(&self.channel, &self.names, &outgoing).await?;
+        mark_published(&self.worker.pool, &outgoing).await;
+        self.settle_deliveries(&items, &dispositions).await?;
+        Ok(true)
+    }
+
+    /// Applies every valid message of the batch in one transaction,
+    /// retrying while the database is unreachable. A final error sends the
+    /// batch through one transaction per message, so only the failing
+    /// message is held back. `None` means shutdown came first.
+    async fn apply_with_retry(
+        &self,
+        items: &[Item],
+    ) -> Option<Vec<Option<Result<Applied, LedgerError>>>> {
+        let batch = || self.apply_batch(items);
+        let retried = batch
+            .retry(backoff())
+            .when(LedgerError::is_retryable)
+            .notify(|error, delay| {
+                metrics::counter!("stream_credits_database_errors_total").increment(1);
+                warn!(%error, ?delay, queue = %self.queue, "database unavailable, batch will be retried");
+            });
+        let result = tokio::select! {
+            result = retried => result,
+            () = self.stop.cancelled() => return None,
+        };
+        match result {
+            Ok(results) => Some(results.into_iter().map(|applied| applied.map(Ok)).collect()),
+            Err(error) => {
+                warn!(%error, queue = %self.queue, "batch failed, applying its messages one by one");
+                let mut results = Vec::with_capacity(items.len());
+                for item in items {
+                    results.push(self.apply_one_with_retry(item).await?);
+                }
+                Some(results)
+            }
+        }
+    }
+
+    async fn apply_batch(&self, items: &[Item]) -> Result<Vec<Option<Applied>>, LedgerError> {
+        let mut tx = self.worker.pool.begin().await?;
+        let mut results = Vec::with_capacity(items.len());
+        for item in items {
+            let applied = match &item.message {
+                Ok(message) => Some(self.apply_traced(&mut tx, message, &item.reply_to).await?),
+                Err(_) => None,
+            };
+            results.push(applied);
+        }
+        tx.commit().await?;
+        Ok(results)
+    }
+
+    async fn apply_one_with_retry(
+        &self,
+        item: &Item,
+    ) -> Option<Option<Result<Applied, LedgerError>>> {
+        let Ok(message) = &item.message else {
+            return Some(None);
+        };
+        let once = || async {
+            let mut tx = self.worker.pool.begin().await?;
+            let applied = self.apply_traced(&mut tx, message, &item.reply_to).await?;
+            tx.commit().await?;
+            Ok::<_, LedgerError>(applied)
+        };
+        let retried = once.retry(backoff()).when(LedgerError::is_retryable);
+        let result = tokio::select! {
+            result = retried => result,
+            () = self.stop.cancelled() => return None,
+        };
+        if let Err(error) = &result {
+            metrics::counter!("stream_credits_database_errors_total").increment(1);
+            error!(
+                %error,
+                message.id = message.message_id(),
+                user.id = message.user_id(),
+                "message failed and is returned to its queue; the delivery limit bounds the attempts"
+            );
+        }
+        Some(Some(result))
+    }
+
+    async fn apply_traced(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        message: &Inbound,
+        reply_to: &ReplyTo,
+    ) -> Result<Applied, LedgerError> {
+        let span = info_span!(
+            "message",
+            message.id = message.message_id(),
+            message.type = message.type_name(),
+            user.id = message.user_id(),
+            stream.id = message.stream_id().unwrap_or_default(),
+        );
+        self.worker
+            .ledger
+            .apply(conn, message, reply_to)
+            .instrument(span)
+            .await
+    }
+
+    async fn dead_letter_all(
+        &self,
+        items: &[Item],
+        dispositions: &[Disposition],
+    ) -> Result<(), SessionError> {
+        for (item, disposition) in items.iter().zip(dispositions) {
+            let Disposition::DeadLetter(rejection) = disposition else {
+                continue;
+            };
+            let letter = DeadLetter {
+                body: &item.delivery.data,
+                properties: &item.delivery.properties,
+                routing_key: item.delivery.routing_key.as_str(),
+                reason: rejection.reason,
+                detail: &rejection.detail,
+            };
+            let id = broker::dead_letter(&self.channel, &self.names, letter).await?;
+            metrics::counter!("stream_credits_dead_letters_total", "reason" => rejection.reason.code())
+                .increment(1);
+            warn!(
+                reason = rejection.reason.code(),
+                detail = %rejection.detail,
+                dead_letter.id = %id,
+                message.id = rejection.partial.message_id.as_deref().unwrap_or_default(),
+                user.id = item.delivery.routing_key.as_str(),
+                "message dead-lettered"
+            );
+        }
+        Ok(())
+    }
+
+    /// Acknowledges the batch: one `multiple` ack when nothing goes back to
+    /// the queue, else one ack or nack per delivery, in order. Every
+    /// delivery is acknowledged exactly once.
+    async fn settle_deliveries(
+        &self,
+        items: &[Item],
+        dispositions: &[Disposition],
+    ) -> Result<(), SessionError> {
+        let requeue_any = dispositions.iter().any(|d| matches!(d, Disposition::Requeue));
+        if !requeue_any {
+            let last = &items.last().expect("a batch is never empty").delivery;
+            last.acker.ack(BasicAckOptions { multiple: true }).await?;
+            return Ok(());
+        }
+        for (item, disposition) in items.iter().zip(dispositions) {
+            match disposition {
+                Disposition::Requeue => {
+                    item.delivery
+                        .acker
+                        .nack(BasicNackOptions {
+                            multiple: false,
+                            requeue: true,
+                        })
+                        .await?;
+                }
+                _ => {
+                    item.delivery.acker.ack(BasicAckOptions::default()).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn reply_address(delivery: &Delivery) -> ReplyTo {
+    let properties = &delivery.properties;
+    ReplyTo {
+        queue: properties
+            .reply_to()
+            .as_ref()
+            .map(|queue| queue.as_str().to_owned())
+            .filter(|queue| !queue.is_empty()),
+        correlation_id: properties
+            .correlation_id()
+            .as_ref()
+            .map(|id| id.as_str().to_owned()),
+    }
+}
+
+/// The denial an invalid `stream.started` with a `reply_to` gets, so its
+/// producer is not left waiting.
+fn invalid_request_reply(rejection: &Rejection, reply_to: &ReplyTo) -> Option<Outgoing> {
+    let queue = reply_to.queue.clone()?;
+    let partial = &rejection.partial;
+    if partial.type_name.as_deref().is_some_and(|kind| kind != "stream.started") {
+        return None;
+    }
+    let denial = ReservationDenied {
+        kind: Default::default(),
+        event_id: uuid::Uuid::now_v7(),
+        user_id: partial.user_id.clone(),
+        stream_id: partial.stream_id.clone(),
+        reason: DenialReason::InvalidRequest,
+        requested: None,
+        available: None,
+        detail: Some(format!("{}: {}", rejection.reason.code(), rejection.detail)),
+    };
+    Some(Outgoing {
+        outbox_id: None,
+        destination: ledger::Destination::Reply,
+        routing_key: queue,
+        correlation_id: reply_to.correlation_id.clone(),
+        event_type: "reservation.denied".to_owned(),
+        body: serde_json::to_value(&denial).expect("events serialize"),
+    })
+}
+
+fn record_outcome(item: &Item, outcome: &Outcome) {
+    let Ok(message) = &item.message else {
+        return;
+    };
+    let label = match outcome {
+        Outcome::Applied => "applied",
+        Outcome::Duplicate => "duplicate",
+        Outcome::Dropped(reason) => {
+            metrics::counter!("stream_credits_dropped_total", "reason" => reason.code()).increment(1);
+            debug!(reason = reason.code(), message.id = message.message_id(), "message dropped");
+            "dropped"
+        }
+        Outcome::DeadLetter(_) => "dead_lettered",
+    };
+    metrics::counter!(
+        "stream_credits_messages_total",
+        "type" => message.type_name(),
+        "outcome" => label
+    )
+    .increment(1);
+}
+
+/// Marks published outbox rows. A failure only means the relay publishes
+/// them again later with the same event ids, which consumers drop.
+async fn mark_published(pool: &PgPool, outgoing: &[Outgoing]) {
+    let ids: Vec<i64> = outgoing.iter().filter_map(|message| message.outbox_id).collect();
+    if ids.is_empty() {
+        return;
+    }
+    let result = async {
+        let mut conn = pool.acquire().await?;
+        ledger::mark_published(&mut conn, &ids).await
+    }
+    .await;
+    if let Err(error) = result {
+        warn!(%error, rows = ids.len(), "cannot mark outbox rows published; the relay will send them again");
+    }
+}
+
+/// The expiry sweep and the outbox relay, on one confirm channel.
+struct Maintenance {
+    worker: Worker,
+    names: Arc<Names>,
+    channel: Channel,
+    stop: CancellationToken,
+}
+
+impl Maintenance {
+    async fn run(self) -> Result<(), SessionError> {
+        let sweep_every = Duration::from_secs(self.worker.settings.reservations.sweep_interval_seconds);
+        let mut sweep = tokio::time::interval(sweep_every);
+        let mut relay = tokio::time::interval(RELAY_INTERVAL);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        relay.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => return Ok(()),
+                _ = sweep.tick() => self.sweep().await?,
+                _ = relay.tick() => self.relay().await?,
+            }
+        }
+    }
+
+    /// Expires idle holds until none is left. Database errors are logged
+    /// and left to the next tick.
+    async fn sweep(&self) -> Result<(), SessionError> {
+        loop {
+            let result = async {
+                let mut tx = self.worker.pool.begin().await?;
+                let outgoing = self.worker.ledger.expire_idle(&mut tx, SWEEP_BATCH_MAX).await?;
+                tx.commit().await?;
+                Ok::<_, LedgerError>(outgoing)
+            }
+            .await;
+            let outgoing = match result {
+                Ok(outgoing) => outgoing,
+                Err(error) => {
+                    metrics::counter!("stream_credits_database_errors_total").increment(1);
+                    warn!(%error, "expiry sweep failed, retrying at the next interval");
+                    return Ok(());
+                }
+            };
+            if outgoing.is_empty() {
+                return Ok(());
+            }
+            metrics::counter!("stream_credits_holds_expired_total").increment(outgoing.len() as u64);
+            info!(holds = outgoing.len(), "expired idle holds");
+            broker::publish_outgoing(&self.channel, &self.names, &outgoing).await?;
+            mark_published(&self.worker.pool, &outgoing).await;
+        }
+    }
+
+    /// Publishes outbox rows that a crash left unpublished. The rows stay
+    /// locked until they are marked, so two relays never send one row at
+    /// the same time.
+    async fn relay(&self) -> Result<(), SessionError> {
+        let result = async {
+            let mut tx = self.worker.pool.begin().await?;
+            let rows = ledger::lock_unpublished(&mut tx, RELAY_AGE_SECONDS, SWEEP_BATCH_MAX).await?;
+            Ok::<_, LedgerError>((tx, rows))
+        }
+        .await;
+        let (mut tx, rows) = match result {
+            Ok(found) => found,
+            Err(error) => {
+                warn!(%error, "outbox relay cannot read the database, retrying later");
+                return Ok(());
+            }
+        };
+        if rows.is_empty() {
+            return Ok(());
+        }
+        broker::publish_outgoing(&self.channel, &self.names, &rows).await?;
+        let ids: Vec<i64> = rows.iter().filter_map(|row| row.outbox_id).collect();
+        let marked = async {
+            ledger::mark_published(&mut tx, &ids).await?;
+            tx.commit().await?;
+            Ok::<_, LedgerError>(())
+        }
+        .await;
+        match marked {
+            Ok(()) => info!(rows = ids.len(), "relayed unpublished replies and events"),
+            Err(error) => warn!(%error, "cannot mark relayed rows; they will be sent again"),
+        }
+        Ok(())
+    }
+}
