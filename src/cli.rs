@@ -14,7 +14,7 @@ use crate::ledger::{Ledger, Outcome, ReplyTo};
 use crate::messages::{CreditsGranted, Inbound};
 use crate::settings::Settings;
 use crate::worker::{self, WorkerError};
-use crate::{db, telemetry};
+use crate::{db, demo, dlq, producer, telemetry};
 
 /// Credit reservation and settlement for streaming LLM chats.
 #[derive(Debug, Parser)]
@@ -35,9 +35,18 @@ pub enum Command {
     Run,
     /// Create the database if missing and apply migrations.
     Migrate,
+    /// Replay real recorded chats through the broker to a worker and
+    /// print what was reserved, charged and refunded.
+    Demo(demo::DemoArgs),
+    /// Publish recorded provider streams to a running worker and print
+    /// each stream's settlement.
+    Replay(producer::ReplayArgs),
     /// Grant credits or show an account.
     #[command(subcommand)]
     Account(AccountCommand),
+    /// List, show, replay or purge dead letters.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
 }
 
 /// Account commands.
@@ -131,8 +140,11 @@ pub async fn execute(command: Command, settings: Arc<Settings>) -> Result<(), Fa
             eprintln!("database is up to date");
             Ok(())
         }
+        Command::Demo(args) => demo::run(settings, args).await,
+        Command::Replay(args) => producer::replay(settings, args).await,
         Command::Account(AccountCommand::Grant(args)) => grant(settings, args).await,
         Command::Account(AccountCommand::Show(args)) => show(settings, args).await,
+        Command::Dlq(command) => dlq::execute(settings, command).await,
     }
 }
 

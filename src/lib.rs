@@ -26,6 +26,7 @@
 //! - [`replay`]: parsers of recorded provider streams and conversations.
 //! - [`producer`]: the producer side, publishing chats and awaiting their
 //!   grants and settlements (used by `replay` and `demo`).
+//! - [`dlq`]: listing, showing, replaying and purging dead letters.
 //! - [`demo`]: the end-to-end demonstration on real recorded input.
 //! - [`cli`]: the command line.
 //! - [`telemetry`]: logging setup.
@@ -33,12 +34,13 @@
 pub mod broker;
 pub mod cli;
 pub mod db;
-// pub mod demo;
+pub mod dlq;
+pub mod demo;
 pub mod invariants;
 pub mod ledger;
 pub mod messages;
 pub mod pricing;
-// pub mod producer;
+pub mod producer;
 pub mod replay;
 pub mod settings;
 pub mod settlement;

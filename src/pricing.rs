@@ -141,9 +141,14 @@ pub fn lookup<'a>(
     if let Some((name, price)) = models.get_key_value(model.as_str()) {
         return Some((name.as_str(), price));
     }
-    let undated = undated_name(&model)?;
-    models
-        .get_key_value(undated)
+    // A version after a colon (`gpt-3.5-turbo-instruct:20230824-v2`)
+    // names a snapshot of the model before it.
+    let base = model.split_once(':').map_or(model.as_str(), |(base, _)| base);
+    let candidates = [Some(base), undated_name(base)];
+    candidates
+        .into_iter()
+        .flatten()
+        .find_map(|name| models.get_key_value(name))
         .map(|(name, price)| (name.as_str(), price))
 }
 
@@ -321,6 +326,10 @@ mod tests {
             "claude-sonnet-4-5"
         );
         assert_eq!(lookup(&models, "GPT-4o-mini").unwrap().0, "gpt-4o-mini");
+        assert_eq!(
+            lookup(&models, "gpt-3.5-turbo-instruct:20230824-v2").unwrap().0,
+            "gpt-3.5-turbo-instruct"
+        );
         assert!(lookup(&models, "gpt-4o-2024").is_none());
         assert!(lookup(&models, "no-such-model").is_none());
     }

@@ -1,0 +1,340 @@
+//! Dead-letter operations: list, show, replay and purge the messages in
+//! the dead-letter queue.
+//!
+//! Messages are read with `basic.get` and held unacknowledged while the
+//! command runs; those it does not remove go back to the queue when its
+//! channel closes. A replayed message is published to the events exchange
+//! with publisher confirms before it is removed, so a crash in between
+//! leaves a copy in both places, never in neither, and the idempotency
+//! keys make the extra copy harmless.
+
+use std::sync::Arc;
+
+use clap::{Args, Subcommand};
+use lapin::message::BasicGetMessage;
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel};
+use serde::Serialize;
+
+use crate::broker::{self, HEADER_DEAD_LETTER_ID, HEADER_DETAIL, HEADER_ERROR, HEADER_ROUTING_KEY};
+use crate::cli::Failure;
+use crate::messages::RejectReason;
+use crate::settings::Settings;
+use crate::topology::{self, Names};
+
+/// Most dead letters one command reads, so a flooded queue cannot
+/// exhaust the operator's memory; run the command again for more.
+const SCAN_MAX: usize = 100_000;
+
+/// Dead-letter commands.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters with their reasons.
+    List(ListArgs),
+    /// Print one dead letter: headers and original body.
+    Show(ShowArgs),
+    /// Publish dead letters back to the events exchange, then remove them.
+    Replay(ReplayArgs),
+    /// Remove dead letters for good.
+    Purge(PurgeArgs),
+}
+
+/// Arguments of `dlq list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Most dead letters to print.
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+    /// Print one JSON array.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `dlq show`.
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// Dead-letter id, as `dlq list` prints it.
+    pub id: String,
+}
+
+/// Which dead letters a command acts on.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct Selection {
+    /// Every dead letter.
+    #[arg(long)]
+    pub all: bool,
+    /// These dead-letter ids.
+    #[arg(long, num_args = 1..)]
+    pub id: Vec<String>,
+    /// Dead letters with this reason code, such as `unknown_stream`.
+    #[arg(long, value_name = "CODE")]
+    pub reason: Option<String>,
+}
+
+/// Arguments of `dlq replay`.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub selection: Selection,
+    /// Print what would be replayed and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Arguments of `dlq purge`.
+#[derive(Debug, Args)]
+pub struct PurgeArgs {
+    /// Every dead letter.
+    #[arg(long, conflicts_with = "id")]
+    pub all: bool,
+    /// These dead-letter ids.
+    #[arg(long, num_args = 1..)]
+    pub id: Vec<String>,
+    /// Confirm the removal; without it nothing is removed.
+    #[arg(long)]
+    pub yes: bool,
+}
+
+/// A dead letter as listed.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetterView {
+    pub id: String,
+    pub reason: String,
+    pub detail: String,
+    pub routing_key: String,
+    /// `type` of the original message, when its body was JSON.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    pub bytes: usize,
+}
+
+/// Runs one dead-letter command.
+pub async fn execute(settings: Arc<Settings>, command: DlqCommand) -> Result<(), Failure> {
+    let connection = broker::connect(&settings.amqp.url, "stream-credits dlq").await?;
+    let channel = broker::confirm_channel(&connection).await?;
+    let names = topology::declare(&channel, &settings.topology)
+        .await
+        .map_err(|error| match error {
+            topology::TopologyError::Broker(_) => Failure::from(error),
+            fatal => Failure::usage(fatal),
+        })?;
+    let letters = fetch_all(&channel, &names).await?;
+
+    let result = match command {
+        DlqCommand::List(args) => list(&letters, &args),
+        DlqCommand::Show(args) => show(&letters, &args.id),
+        DlqCommand::Replay(args) => replay(&channel, &names, &letters, &args).await,
+        DlqCommand::Purge(args) => purge(&letters, &args).await,
+    };
+    // Closing the channel returns every letter not acknowledged above.
+    let _ = channel.close(200, "done".into()).await;
+    let _ = connection.close(200, "done".into()).await;
+    result
+}
+
+async fn fetch_all(channel: &Channel, names: &Names) -> Result<Vec<BasicGetMessage>, Failure> {
+    let mut letters = Vec::new();
+    while letters.len() < SCAN_MAX {
+        let message = channel
+            .basic_get(names.dead.as_str().into(), BasicGetOptions { no_ack: false })
+            .await?;
+        match message {
+            Some(message) => letters.push(message),
+            None => break,
+        }
+    }
+    Ok(letters)
+}
+
+fn view(letter: &BasicGetMessage) -> DeadLetterView {
+    let headers = letter.delivery.properties.headers().as_ref();
+    let ours = broker::header_text(headers, HEADER_ERROR);
+    let body: Option<serde_json::Value> = serde_json::from_slice(&letter.delivery.data).ok();
+    let text = |key: &str| {
+        body.as_ref()
+            .and_then(|body| body.get(key))
+            .and_then(|value| value.as_str())
+            .map(str::to_owned)
+    };
+    DeadLetterView {
+        id: broker::header_text(headers, HEADER_DEAD_LETTER_ID).unwrap_or_else(|| broker_letter_id(letter)),
+        reason: ours
+            .clone()
+            .unwrap_or_else(|| RejectReason::RetriesExhausted.code().to_owned()),
+        detail: broker::header_text(headers, HEADER_DETAIL)
+            .unwrap_or_else(|| "dead-lettered by the broker after its delivery limit".to_owned()),
+        routing_key: original_routing_key(letter),
+        message_type: text("type"),
+        message_id: text("message_id"),
+        bytes: letter.delivery.data.len(),
+    }
+}
+
+/// Id of a letter the broker dead-lettered, which has no header of ours:
+/// a hash of its body and first death time, stable across listings.
+fn broker_letter_id(letter: &BasicGetMessage) -> String {
+    // FNV-1a, 64 bits: stable across Rust versions, unlike std's hasher.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let death_time = first_death(letter)
+        .and_then(|death| death.inner().get("time").map(|time| format!("{time:?}")))
+        .unwrap_or_default();
+    for byte in letter.delivery.data.iter().chain(death_time.as_bytes()) {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("broker-{hash:016x}")
+}
+
+fn first_death(letter: &BasicGetMessage) -> Option<&FieldTable> {
+    let headers = letter.delivery.properties.headers().as_ref()?;
+    match headers.inner().get("x-death")? {
+        AMQPValue::FieldArray(deaths) => match deaths.as_slice().first()? {
+            AMQPValue::FieldTable(death) => Some(death),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The routing key the message was first published with: from our header,
+/// else from the broker's `x-death` record.
+fn original_routing_key(letter: &BasicGetMessage) -> String {
+    let headers = letter.delivery.properties.headers().as_ref();
+    if let Some(key) = broker::header_text(headers, HEADER_ROUTING_KEY) {
+        return key;
+    }
+    let from_death = first_death(letter).and_then(|death| match death.inner().get("routing-keys")? {
+        AMQPValue::FieldArray(keys) => match keys.as_slice().first()? {
+            AMQPValue::LongString(key) => Some(String::from_utf8_lossy(key.as_bytes()).into_owned()),
+            _ => None,
+        },
+        _ => None,
+    });
+    from_death.unwrap_or_else(|| letter.delivery.routing_key.as_str().to_owned())
+}
+
+fn list(letters: &[BasicGetMessage], args: &ListArgs) -> Result<(), Failure> {
+    let views: Vec<DeadLetterView> = letters.iter().take(args.limit).map(view).collect();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&views).expect("views serialize"));
+        return Ok(());
+    }
+    let mut table = comfy_table::Table::new();
+    table.set_header(["id", "reason", "routing key", "type", "message_id", "detail"]);
+    for item in &views {
+        table.add_row([
+            item.id.clone(),
+            item.reason.clone(),
+            item.routing_key.clone(),
+            item.message_type.clone().unwrap_or_default(),
+            item.message_id.clone().unwrap_or_default(),
+            item.detail.clone(),
+        ]);
+    }
+    println!("{table}");
+    eprintln!("{} of {} dead letters shown", views.len(), letters.len());
+    Ok(())
+}
+
+fn show(letters: &[BasicGetMessage], id: &str) -> Result<(), Failure> {
+    let letter = letters
+        .iter()
+        .find(|letter| view(letter).id == id)
+        .ok_or_else(|| anyhow::anyhow!("dead letter `{id}` not found; `dlq list` shows the ids"))?;
+    let body = match serde_json::from_slice::<serde_json::Value>(&letter.delivery.data) {
+        Ok(json) => json,
+        Err(_) => serde_json::Value::String(String::from_utf8_lossy(&letter.delivery.data).into_owned()),
+    };
+    let output = serde_json::json!({ "dead_letter": view(letter), "body": body });
+    println!("{}", serde_json::to_string_pretty(&output).expect("JSON serializes"));
+    Ok(())
+}
+
+fn selected<'a>(
+    letters: &'a [BasicGetMessage],
+    all: bool,
+    ids: &[String],
+    reason: Option<&str>,
+) -> Vec<&'a BasicGetMessage> {
+    letters
+        .iter()
+        .filter(|letter| {
+            let item = view(letter);
+            all || ids.contains(&item.id) || reason.is_some_and(|reason| item.reason == reason)
+        })
+        .collect()
+}
+
+async fn replay(
+    channel: &Channel,
+    names: &Names,
+    letters: &[BasicGetMessage],
+    args: &ReplayArgs,
+) -> Result<(), Failure> {
+    let selection = &args.selection;
+    if let Some(reason) = &selection.reason
+        && RejectReason::from_code(reason).is_none()
+    {
+        return Err(Failure::usage(anyhow::anyhow!("unknown reason code `{reason}`")));
+    }
+    let chosen = selected(letters, selection.all, &selection.id, selection.reason.as_deref());
+    for letter in &chosen {
+        let item = view(letter);
+        if args.dry_run {
+            println!("would replay {} ({}) to routing key {}", item.id, item.reason, item.routing_key);
+            continue;
+        }
+        let properties = without_our_headers(&letter.delivery.properties);
+        broker::publish_confirmed(channel, &names.events, &item.routing_key, &letter.delivery.data, properties)
+            .await?;
+        letter.delivery.acker.ack(BasicAckOptions::default()).await?;
+        println!("replayed {} ({}) to routing key {}", item.id, item.reason, item.routing_key);
+    }
+    eprintln!(
+        "{} dead letters {}",
+        chosen.len(),
+        if args.dry_run { "would be replayed; nothing changed" } else { "replayed" }
+    );
+    Ok(())
+}
+
+/// The original properties, without the headers this program or the
+/// broker's dead-lettering added.
+fn without_our_headers(properties: &BasicProperties) -> BasicProperties {
+    let Some(headers) = properties.headers() else {
+        return properties.clone();
+    };
+    let mut kept = FieldTable::default();
+    for (key, value) in headers.inner() {
+        let key = key.as_str();
+        if key.starts_with("x-stream-credits-") || key.starts_with("x-death") || key.starts_with("x-first-death")
+            || key.starts_with("x-last-death")
+        {
+            continue;
+        }
+        kept.insert(key.into(), value.clone());
+    }
+    properties.clone().with_headers(kept)
+}
+
+async fn purge(letters: &[BasicGetMessage], args: &PurgeArgs) -> Result<(), Failure> {
+    if !args.all && args.id.is_empty() {
+        return Err(Failure::usage(anyhow::anyhow!("name what to purge: --all or --id ID")));
+    }
+    let chosen = selected(letters, args.all, &args.id, None);
+    if !args.yes {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "purge removes {} dead letters for good; add --yes to confirm",
+            chosen.len()
+        )));
+    }
+    for letter in &chosen {
+        letter.delivery.acker.ack(BasicAckOptions::default()).await?;
+    }
+    eprintln!("purged {} dead letters", chosen.len());
+    Ok(())
+}
