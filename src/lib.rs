@@ -29,12 +29,14 @@
 //! - [`dlq`]: listing, showing, replaying and purging dead letters.
 //! - [`demo`]: the end-to-end demonstration on real recorded input.
 //! - [`cli`]: the command line.
+//! - [`http`]: `/metrics`, `/healthz` and `/readyz`.
 //! - [`telemetry`]: logging setup.
 
 pub mod broker;
 pub mod cli;
 pub mod db;
 pub mod dlq;
+pub mod http;
 pub mod demo;
 pub mod invariants;
 pub mod ledger;

@@ -10,6 +10,7 @@
 //! same batch with backoff, so an outage dead-letters nothing.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
@@ -88,11 +89,25 @@ pub async fn run(settings: Arc<Settings>, shutdown: CancellationToken) -> Result
         pool = prepare_database(&settings) => pool?,
         () = shutdown.cancelled() => return Ok(()),
     };
+    let broker_connected = Arc::new(AtomicBool::new(false));
+    if let Ok(listen) = settings.http.listen.parse() {
+        let readiness = crate::http::Readiness {
+            pool: pool.clone(),
+            broker_connected: broker_connected.clone(),
+        };
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(error) = crate::http::serve(listen, readiness, stop).await {
+                error!(%error, %listen, "cannot serve the HTTP endpoint");
+            }
+        });
+    }
     let worker = Worker {
         ledger: Ledger::new(settings.clone()),
         settings,
         pool,
         shutdown,
+        broker_connected,
     };
     worker.supervise().await
 }
@@ -113,6 +128,7 @@ struct Worker {
     ledger: Ledger,
     pool: PgPool,
     shutdown: CancellationToken,
+    broker_connected: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -178,7 +194,9 @@ impl Worker {
         };
         tasks.spawn(maintenance.run());
 
+        self.broker_connected.store(true, Ordering::Relaxed);
         let result = self.wait(&connection, &mut tasks, &session_stop).await;
+        self.broker_connected.store(false, Ordering::Relaxed);
         session_stop.cancel();
         let drain = Duration::from_secs(self.settings.worker.shutdown_timeout_seconds);
         if tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} })

@@ -17,7 +17,6 @@ use stream_credits::messages::{
 };
 use stream_credits::settings::Settings;
 
-/// The path of `schemas/{name}.json` in this crate.
 fn schema_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("schemas")
@@ -28,7 +27,8 @@ fn update_requested() -> bool {
     std::env::var("UPDATE_SCHEMAS").is_ok_and(|value| value == "1")
 }
 
-/// The schema that schemars 1.2 generates for `T`, as JSON.
+/// Generates the schema of `T` with schemars' default settings
+/// (JSON Schema draft 2020-12).
 fn generated_schema<T: JsonSchema>() -> Value {
     schema_for!(T).to_value()
 }
@@ -119,8 +119,8 @@ fn stream_ended_example() -> Value {
            "occurred_at": "2026-12-04T10:00:09Z"})
 }
 
-/// The contract's `reservation.settled` example, with the elided ids
-/// filled in with real UUIDs.
+/// Builds the contract's `reservation.settled` example, with the elided
+/// ids filled in with real UUIDs.
 fn reservation_settled_example() -> Value {
     json!({"type": "reservation.settled",
            "event_id": "0193a1b2-7c4d-7e5f-8a6b-9c0d1e2f3a4b", "user_id": "u-1",
