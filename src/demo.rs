@@ -275,7 +275,7 @@ fn print_summary(totals: &Totals, elapsed: Duration, violations: usize) {
         ("credits forgiven", totals.forgiven.to_string()),
         ("completion tokens counted (all streams)", totals.counted_tokens.to_string()),
         (
-            "counted vs provider tokens (streams with provider usage)",
+            "counted vs provider completion tokens (provider counts include reasoning that is not streamed)",
             format!(
                 "{} vs {} ({:+.2} %)",
                 totals.counted_tokens_of_provider_streams,

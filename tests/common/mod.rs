@@ -194,6 +194,7 @@ impl Harness {
     /// Creates the test's database and topology and starts a worker with
     /// 2 shards, the round-price model and whatever `configure` changes.
     pub async fn start(test_name: &str, configure: impl FnOnce(&mut Settings)) -> Self {
+        init_logging();
         require_service("PostgreSQL", POSTGRES_ADDRESS, START_POSTGRES).await;
         require_service("RabbitMQ", RABBITMQ_ADDRESS, START_RABBITMQ).await;
 
@@ -562,15 +563,33 @@ impl Harness {
         self.barrier(user_id).await;
     }
 
+    /// Lists the state, wait event and statement start of every other
+    /// session on the test's database, to show what a stuck worker holds.
+    async fn database_sessions(&self) -> Vec<(String, String, String)> {
+        let sessions = sqlx::query_as(
+            "SELECT coalesce(state, ''), coalesce(wait_event, ''), left(query, 80) \
+             FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&self.database_name)
+        .fetch_all(&self.pool)
+        .await;
+        sessions.unwrap_or_else(|error| vec![("unknown".to_owned(), error.to_string(), String::new())])
+    }
+
     /// Stops the worker, checks that it stopped cleanly and that every
     /// ledger invariant holds over the whole database. The database and
     /// the topology are removed when `self` drops.
     pub async fn finish(mut self) {
         self.shutdown.cancel();
         if let Some(worker) = self.worker.take() {
-            let stopped = tokio::time::timeout(STOP_WAIT, worker)
-                .await
-                .unwrap_or_else(|_| panic!("the worker did not stop within {STOP_WAIT:?}"));
+            let Ok(stopped) = tokio::time::timeout(STOP_WAIT, worker).await else {
+                let sessions = self.database_sessions().await;
+                panic!(
+                    "the worker did not stop within {STOP_WAIT:?}; sessions still open on \
+                     {}: {sessions:#?}",
+                    self.database_name
+                );
+            };
             let result = stopped.expect("the worker task panicked");
             assert!(result.is_ok(), "the worker stopped with an error: {result:?}");
         }
@@ -662,6 +681,15 @@ async fn drop_database(name: &str) {
         eprintln!("cannot drop database {name}: {error}");
     }
     let _ = conn.close().await;
+}
+
+/// Sends the worker's logs to the test output, filtered by `RUST_LOG`
+/// (errors only when it is unset).
+fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
 }
 
 /// Fails the test with the command that starts a service it cannot reach.

@@ -1,0 +1,61 @@
+//! `stream-credits account grant` and `account show` against a real
+//! database.
+
+mod common;
+
+use common::{Harness, database_url, run_binary};
+
+const USER: &str = "u-cli";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_commands_work() {
+    let harness = Harness::database_only("account").await;
+    let url = database_url(harness.database_name());
+    let env = [("STREAM_CREDITS__DATABASE__URL", url.as_str())];
+
+    for attempt in 1..=2 {
+        let output = run_binary(
+            &["account", "grant", USER, "500", "--idempotency-key", "k1"],
+            &env,
+        )
+        .await;
+        assert!(
+            output.status.success(),
+            "grant {attempt} exited with {:?}: {}",
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    assert_eq!(harness.account(USER).await.balance, 500);
+    assert_eq!(harness.ledger_rows(USER, "grant").await, 1, "grant ledger rows");
+
+    let output = run_binary(&["account", "show", USER, "--json"], &env).await;
+    assert!(
+        output.status.success(),
+        "show exited with {:?}: {}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let shown: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("account show --json prints one JSON object");
+    let mut keys: Vec<&str> = shown
+        .as_object()
+        .expect("a JSON object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["available", "balance", "reserved", "user_id"]);
+    assert_eq!(shown["user_id"], USER);
+    assert_eq!(shown["balance"], 500);
+    assert_eq!(shown["reserved"], 0);
+    assert_eq!(shown["available"], 500);
+
+    let output = run_binary(&["account", "show", "u-nobody", "--json"], &env).await;
+    assert!(!output.status.success(), "show of an unknown user exited 0");
+    assert!(output.stdout.is_empty(), "stdout: {}", String::from_utf8_lossy(&output.stdout));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("u-nobody"), "stderr: {stderr}");
+
+    harness.finish().await;
+}

@@ -1,0 +1,129 @@
+//! Idle holds expire at counted usage, busy ones do not, and a late
+//! `stream.ended` corrects the expired charge.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Harness, Outbound, ROUND_MODEL, chunk, end, start};
+use stream_credits::messages::EndStatus;
+
+const USER: &str = "u-expiry";
+const SILENT: &str = "s-silent";
+const BUSY: &str = "s-busy";
+const BALANCE: i64 = 10_000;
+const TTL_SECONDS: u64 = 2;
+
+/// Round-price hold: 10 prompt tokens + 2 * 100 output tokens.
+const PROMPT_TOKENS: u64 = 10;
+const MAX_OUTPUT_TOKENS: u64 = 100;
+const RESERVED: i64 = 210;
+
+/// Tokens stated by the silent stream's chunks, 12 in all, so expiry
+/// charges 10 + 2 * 12 = 34.
+const SILENT_CHUNK_TOKENS: [u64; 3] = [3, 4, 5];
+const EXPIRY_CHARGE: i64 = 34;
+
+/// The busy stream sends one 1-token chunk every 500 ms for 5 s, so its
+/// completed end charges 10 + 2 * 10 = 30.
+const BUSY_CHUNKS: u64 = 10;
+const BUSY_CHUNK_INTERVAL: Duration = Duration::from_millis(500);
+const BUSY_CHARGE: i64 = 30;
+
+/// Late provider usage of the silent stream: 10 + 2 * 40 = 90.
+const LATE_USAGE: (u64, u64) = (10, 40);
+const LATE_CHARGE: i64 = 90;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_hold_expires_and_adjusts() {
+    let harness = Harness::start("expiry", |settings| {
+        settings.reservations.ttl_seconds = TTL_SECONDS;
+        settings.reservations.sweep_interval_seconds = 1;
+    })
+    .await;
+    harness.fund(USER, "g-1", BALANCE).await;
+
+    for stream in [SILENT, BUSY] {
+        let body = start(USER, stream, &format!("{stream}-start"), ROUND_MODEL, PROMPT_TOKENS, MAX_OUTPUT_TOKENS);
+        let reply = harness.request(&body, stream).await;
+        assert_eq!(reply["type"], "reservation.granted", "{reply}");
+        assert_eq!(reply["reserved"], RESERVED, "{reply}");
+    }
+    let silent_chunks: Vec<Outbound> = SILENT_CHUNK_TOKENS
+        .into_iter()
+        .enumerate()
+        .map(|(seq, tokens)| Outbound::json(&chunk(USER, SILENT, seq as u64, "words", Some(tokens))))
+        .collect();
+    harness.publish_all(&silent_chunks).await;
+
+    // The pauses pace the busy stream; they assert nothing themselves.
+    for seq in 0..BUSY_CHUNKS {
+        harness.publish(&chunk(USER, BUSY, seq, "more", Some(1))).await;
+        tokio::time::sleep(BUSY_CHUNK_INTERVAL).await;
+    }
+    harness.barrier(USER).await;
+    assert!(
+        harness.events("reservation.settled", BUSY).is_empty(),
+        "a stream sending chunks within the ttl was settled"
+    );
+    let busy_open: bool = sqlx::query_scalar(
+        "SELECT settled_at IS NULL FROM holds WHERE user_id = $1 AND stream_id = $2",
+    )
+    .bind(USER)
+    .bind(BUSY)
+    .fetch_one(&harness.pool)
+    .await
+    .expect("read the busy hold");
+    assert!(busy_open, "the busy stream's hold is no longer open");
+
+    let expired = harness.event("reservation.settled", SILENT).await;
+    assert_eq!(expired["status"], "expired", "{expired}");
+    assert_eq!(expired["usage_source"], "counted", "{expired}");
+    assert_eq!(expired["prompt_tokens"], PROMPT_TOKENS, "{expired}");
+    assert_eq!(expired["counted_completion_tokens"], 12, "{expired}");
+    assert_eq!(expired["charged"], EXPIRY_CHARGE, "{expired}");
+    assert_eq!(expired["refunded"], RESERVED - EXPIRY_CHARGE, "{expired}");
+
+    harness
+        .publish(&end(USER, BUSY, "busy-end", EndStatus::Completed, None))
+        .await;
+    let busy = harness.event("reservation.settled", BUSY).await;
+    assert_eq!(busy["status"], "completed", "{busy}");
+    assert_eq!(busy["charged"], BUSY_CHARGE, "{busy}");
+
+    harness
+        .publish(&end(USER, SILENT, "silent-end", EndStatus::Completed, Some(LATE_USAGE)))
+        .await;
+    let adjusted = harness.event("reservation.adjusted", SILENT).await;
+    let final_balance = BALANCE - BUSY_CHARGE - LATE_CHARGE;
+    assert_eq!(adjusted["reservation_id"], expired["reservation_id"], "{adjusted}");
+    assert_eq!(adjusted["status"], "completed", "{adjusted}");
+    assert_eq!(adjusted["usage_source"], "provider", "{adjusted}");
+    assert_eq!(adjusted["previously_charged"], EXPIRY_CHARGE, "{adjusted}");
+    assert_eq!(adjusted["charged"], LATE_CHARGE, "{adjusted}");
+    assert_eq!(adjusted["difference"], LATE_CHARGE - EXPIRY_CHARGE, "{adjusted}");
+    assert_eq!(adjusted["prompt_tokens"], LATE_USAGE.0, "{adjusted}");
+    assert_eq!(adjusted["completion_tokens"], LATE_USAGE.1, "{adjusted}");
+    assert_eq!(adjusted["balance_after"], final_balance, "{adjusted}");
+
+    let adjustment: i64 = sqlx::query_scalar(
+        "SELECT amount FROM ledger WHERE user_id = $1 AND kind = 'adjustment'",
+    )
+    .bind(USER)
+    .fetch_one(&harness.pool)
+    .await
+    .expect("read the adjustment entry");
+    assert_eq!(adjustment, -(LATE_CHARGE - EXPIRY_CHARGE));
+    assert_eq!(harness.ledger_rows(USER, "adjustment").await, 1, "adjustment rows");
+    assert_eq!(
+        harness.events("reservation.settled", SILENT).len(),
+        1,
+        "settled events of the silent stream"
+    );
+
+    let account = harness.account(USER).await;
+    assert_eq!(account.balance, final_balance);
+    assert_eq!(account.reserved, 0);
+
+    harness.finish().await;
+}

@@ -1,0 +1,73 @@
+//! A new `message_id` for a stream that holds credits reuses the grant;
+//! one for a denied stream is decided again.
+
+mod common;
+
+use common::{Harness, ROUND_MODEL, start};
+
+/// Round-price hold of the held stream: 10 + 2 * 100 = 210.
+const HELD_RESERVED: i64 = 210;
+
+/// Round-price hold of the denied stream: 100 + 2 * 100 = 300.
+const DENIED_REQUESTED: i64 = 300;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_stream_reuses_grant() {
+    let harness = Harness::start("reuse", |_| {}).await;
+    let user = "u-held";
+    harness.fund(user, "g-1", 1000).await;
+
+    let first = harness
+        .request(&start(user, "s-1", "m-1", ROUND_MODEL, 10, 100), "c-1")
+        .await;
+    assert_eq!(first["type"], "reservation.granted", "{first}");
+    assert_eq!(first["reserved"], HELD_RESERVED, "{first}");
+
+    let again = harness
+        .request(&start(user, "s-1", "m-2", ROUND_MODEL, 10, 100), "c-2")
+        .await;
+    assert_eq!(again["reservation_id"], first["reservation_id"]);
+    assert_eq!(again["event_id"], first["event_id"]);
+    assert_eq!(again, first, "the new message id gets the stored grant");
+
+    let account = harness.account(user).await;
+    assert_eq!(account.reserved, HELD_RESERVED);
+    assert_eq!(account.available, 1000 - HELD_RESERVED);
+    let holds: i64 = sqlx::query_scalar("SELECT count(*) FROM holds WHERE user_id = $1")
+        .bind(user)
+        .fetch_one(&harness.pool)
+        .await
+        .expect("count holds");
+    assert_eq!(holds, 1);
+
+    harness.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_stream_granted_after_top_up() {
+    let harness = Harness::start("retry", |_| {}).await;
+    let user = "u-topup";
+    harness.fund(user, "g-1", 100).await;
+
+    let denied = harness
+        .request(&start(user, "s-1", "m-1", ROUND_MODEL, 100, 100), "c-1")
+        .await;
+    assert_eq!(denied["type"], "reservation.denied", "{denied}");
+    assert_eq!(denied["requested"], DENIED_REQUESTED, "{denied}");
+    assert_eq!(denied["available"], 100, "{denied}");
+
+    harness.fund(user, "g-2", 500).await;
+    let granted = harness
+        .request(&start(user, "s-1", "m-2", ROUND_MODEL, 100, 100), "c-2")
+        .await;
+    assert_eq!(granted["type"], "reservation.granted", "{granted}");
+    assert_eq!(granted["stream_id"], "s-1", "{granted}");
+    assert_eq!(granted["reserved"], DENIED_REQUESTED, "{granted}");
+    assert_eq!(granted["available_after"], 600 - DENIED_REQUESTED, "{granted}");
+
+    let account = harness.account(user).await;
+    assert_eq!(account.balance, 600);
+    assert_eq!(account.reserved, DENIED_REQUESTED);
+
+    harness.finish().await;
+}
