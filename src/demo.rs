@@ -47,7 +47,7 @@ pub struct DemoArgs {
     /// OpenAssistant conversations to replay, at most 400.
     #[arg(long, default_value_t = 400)]
     pub conversations: usize,
-    /// Longest wait for one reply or settlement, in seconds.
+    /// Maximum wait for one reply or settlement, in seconds.
     #[arg(long, default_value_t = 120)]
     pub timeout_seconds: u64,
 }

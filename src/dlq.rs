@@ -58,7 +58,7 @@ pub struct ShowArgs {
     pub id: String,
 }
 
-/// Which dead letters a command acts on.
+/// The dead letters a command acts on.
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
 pub struct Selection {
@@ -200,8 +200,8 @@ fn first_death(letter: &BasicGetMessage) -> Option<&FieldTable> {
     }
 }
 
-/// The routing key the message was first published with: from our header,
-/// else from the broker's `x-death` record.
+/// Returns the routing key the message was first published with: from our
+/// header, else from the broker's `x-death` record.
 fn original_routing_key(letter: &BasicGetMessage) -> String {
     let headers = letter.delivery.properties.headers().as_ref();
     if let Some(key) = broker::header_text(headers, HEADER_ROUTING_KEY) {
@@ -302,8 +302,8 @@ async fn replay(
     Ok(())
 }
 
-/// The original properties, without the headers this program or the
-/// broker's dead-lettering added.
+/// Returns the original properties without the headers that this program
+/// or the broker's dead-lettering added.
 fn without_our_headers(properties: &BasicProperties) -> BasicProperties {
     let Some(headers) = properties.headers() else {
         return properties.clone();

@@ -13,7 +13,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-/// What `/readyz` reports on.
+/// The dependencies `/readyz` checks.
 #[derive(Clone)]
 pub struct Readiness {
     pub pool: PgPool,

@@ -59,7 +59,7 @@ pub enum StartReply {
     Denied(ReservationDenied),
 }
 
-/// How a chat's prompt is sent.
+/// The form in which a chat's prompt is sent.
 #[derive(Debug, Clone)]
 pub enum PromptSpec {
     Tokens(u64),
@@ -79,7 +79,7 @@ pub struct ChatPlan {
     pub usage: Option<Usage>,
 }
 
-/// What became of one published chat.
+/// The outcome of one published chat.
 #[derive(Debug, Clone)]
 pub struct ChatResult {
     pub reply: StartReply,
@@ -417,7 +417,7 @@ pub struct ReplayArgs {
     /// Print one JSON array instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Longest wait for a reply or a settlement, in seconds.
+    /// Maximum wait for a reply or a settlement, in seconds.
     #[arg(long, default_value_t = 60)]
     pub timeout_seconds: u64,
 }
@@ -438,8 +438,8 @@ pub struct ReplayRow {
     pub denied: Option<String>,
 }
 
-/// The model to bill a recording as: its own name, else a stand-in for
-/// formats whose events carry no model name.
+/// Returns the model to bill a recording as: its own name, else a stand-in
+/// for formats whose events carry no model name.
 pub fn recording_model(recording: &Recording) -> String {
     match (&recording.model, recording.format) {
         (Some(model), _) => model.clone(),

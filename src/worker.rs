@@ -31,7 +31,7 @@ use crate::messages::{self, DenialReason, Inbound, Rejection, ReservationDenied}
 use crate::settings::Settings;
 use crate::topology::{self, Names, TopologyError};
 
-/// Longest pause between two attempts to reach the broker or database.
+/// Maximum pause between two attempts to reach the broker or database.
 const RETRY_DELAY_MAX: Duration = Duration::from_secs(30);
 
 /// First pause after a failed attempt.
@@ -58,7 +58,7 @@ pub enum WorkerError {
     Database(db::DbError),
 }
 
-/// Why a broker session ended.
+/// The reason a broker session ended.
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
     #[error(transparent)]
@@ -160,7 +160,7 @@ impl Worker {
         Ok(())
     }
 
-    /// One broker connection: declare, consume until shutdown or failure.
+    /// Runs one broker connection: declares, then consumes until shutdown or failure.
     async fn session(&self) -> Result<(), SessionError> {
         let connection = broker::connect(&self.settings.amqp.url, "stream-credits worker").await?;
         let setup = connection.create_channel().await?;
@@ -254,7 +254,7 @@ struct Shard {
     stop: CancellationToken,
 }
 
-/// What happens to one delivery once its batch is done.
+/// The fate of one delivery once its batch is done.
 #[derive(Debug)]
 enum Disposition {
     Ack,
@@ -540,8 +540,8 @@ fn reply_address(delivery: &Delivery) -> ReplyTo {
     }
 }
 
-/// The denial an invalid `stream.started` with a `reply_to` gets, so its
-/// producer is not left waiting.
+/// Builds the denial an invalid `stream.started` with a `reply_to` gets, so
+/// its producer is not left waiting.
 fn invalid_request_reply(rejection: &Rejection, reply_to: &ReplyTo) -> Option<Outgoing> {
     let queue = reply_to.queue.clone()?;
     let partial = &rejection.partial;
