@@ -206,7 +206,10 @@ impl Worker {
             warn!(?drain, "in-flight work did not finish in time; unacknowledged messages will be redelivered");
             tasks.abort_all();
         }
-        let _ = connection.close(200, "worker stopping".into()).await;
+        // lapin's close can wait forever once its I/O loop has stopped, so
+        // it is bounded; the broker drops the socket's channels either way.
+        let close = connection.close(200, "worker stopping".into());
+        let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
         result
     }
 
