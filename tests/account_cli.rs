@@ -27,7 +27,11 @@ async fn account_commands_work() {
         );
     }
     assert_eq!(harness.account(USER).await.balance, 500);
-    assert_eq!(harness.ledger_rows(USER, "grant").await, 1, "grant ledger rows");
+    assert_eq!(
+        harness.ledger_rows(USER, "grant").await,
+        1,
+        "grant ledger rows"
+    );
 
     let output = run_binary(&["account", "show", USER, "--json"], &env).await;
     assert!(
@@ -51,9 +55,26 @@ async fn account_commands_work() {
     assert_eq!(shown["reserved"], 0);
     assert_eq!(shown["available"], 500);
 
+    let output = run_binary(&["account", "grant", USER, "0"], &env).await;
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "grant of 0 credits: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        harness.account(USER).await.balance,
+        500,
+        "balance after a rejected grant"
+    );
+
     let output = run_binary(&["account", "show", "u-nobody", "--json"], &env).await;
     assert!(!output.status.success(), "show of an unknown user exited 0");
-    assert!(output.stdout.is_empty(), "stdout: {}", String::from_utf8_lossy(&output.stdout));
+    assert!(
+        output.stdout.is_empty(),
+        "stdout: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("u-nobody"), "stderr: {stderr}");
 

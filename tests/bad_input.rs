@@ -8,7 +8,7 @@ use serde_json::json;
 
 const USER: &str = "u-bad";
 
-/// An outbound message for `USER` with an AMQP `message_id` that names
+/// Builds an outbound message for `USER` with an AMQP `message_id` that names
 /// the case, so the dead letter can be matched to it.
 fn raw(case: &str, body: Vec<u8>) -> Outbound {
     Outbound {
@@ -39,16 +39,32 @@ async fn bad_input_is_dead_lettered() {
     let negative_field = grant(USER, "g-negative", -5);
 
     let cases: [(&str, Vec<u8>, &str); 6] = [
-        ("not-json", b"{\"type\": \"credits.granted\", ".to_vec(), "invalid_json"),
+        (
+            "not-json",
+            b"{\"type\": \"credits.granted\", ".to_vec(),
+            "invalid_json",
+        ),
         (
             "not-utf8",
             b"{\"type\": \"credits.granted\", \"user_id\": \"\xff\xfe\"}".to_vec(),
             "invalid_utf8",
         ),
         ("too-large", too_large, "too_large"),
-        ("unknown-type", serde_json::to_vec(&unknown_type).expect("serialize"), "unknown_type"),
-        ("missing-field", serde_json::to_vec(&missing_field).expect("serialize"), "invalid_field"),
-        ("negative-field", serde_json::to_vec(&negative_field).expect("serialize"), "invalid_field"),
+        (
+            "unknown-type",
+            serde_json::to_vec(&unknown_type).expect("serialize"),
+            "unknown_type",
+        ),
+        (
+            "missing-field",
+            serde_json::to_vec(&missing_field).expect("serialize"),
+            "invalid_field",
+        ),
+        (
+            "negative-field",
+            serde_json::to_vec(&negative_field).expect("serialize"),
+            "invalid_field",
+        ),
     ];
     let messages: Vec<Outbound> = cases
         .iter()
@@ -65,7 +81,8 @@ async fn bad_input_is_dead_lettered() {
     assert_eq!(granted["reserved"], 30, "{granted}");
     assert_eq!(granted["available_after"], 970, "{granted}");
 
-    // An invalid start with a reply address is answered and dead-lettered.
+    // An invalid start with a reply address gets a denial and is
+    // dead-lettered.
     let mut invalid_start = start(USER, "s-invalid", "m-invalid", ROUND_MODEL, 10, 10);
     invalid_start["max_output_tokens"] = json!(-1);
     let denied = harness.request(&invalid_start, "c-invalid").await;
@@ -77,7 +94,15 @@ async fn bad_input_is_dead_lettered() {
     harness.barrier(USER).await;
 
     let letters = harness.take_dead_letters().await;
-    assert_eq!(letters.len(), cases.len() + 1, "dead letters: {:?}", letters.iter().map(|l| (&l.message_id, &l.error)).collect::<Vec<_>>());
+    assert_eq!(
+        letters.len(),
+        cases.len() + 1,
+        "dead letters: {:?}",
+        letters
+            .iter()
+            .map(|l| (&l.message_id, &l.error))
+            .collect::<Vec<_>>()
+    );
     let expected = cases
         .iter()
         .map(|(case, _, reason)| (*case, *reason))
@@ -91,7 +116,10 @@ async fn bad_input_is_dead_lettered() {
         assert_eq!(letter.routing_key.as_deref(), Some(USER), "case {case}");
         let detail = letter.detail.as_deref().unwrap_or_default();
         assert!(!detail.is_empty(), "case {case} has no detail header");
-        assert!(!detail.contains("secret"), "case {case} detail quotes message text: {detail}");
+        assert!(
+            !detail.contains("secret"),
+            "case {case} detail quotes message text: {detail}"
+        );
     }
     let too_large_letter = letters
         .iter()
@@ -105,7 +133,11 @@ async fn bad_input_is_dead_lettered() {
 
     let account = harness.account(USER).await;
     assert_eq!(account.balance, 1000, "only the valid grant is applied");
-    assert_eq!(harness.ledger_rows(USER, "grant").await, 1, "grant ledger rows");
+    assert_eq!(
+        harness.ledger_rows(USER, "grant").await,
+        1,
+        "grant ledger rows"
+    );
 
     harness.finish().await;
 }

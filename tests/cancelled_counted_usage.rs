@@ -33,7 +33,14 @@ async fn run_cancelled_stream(
 ) -> serde_json::Value {
     let reply = harness
         .request(
-            &start(USER, stream, &format!("{stream}-start"), ROUND_MODEL, prompt_tokens, MAX_OUTPUT_TOKENS),
+            &start(
+                USER,
+                stream,
+                &format!("{stream}-start"),
+                ROUND_MODEL,
+                prompt_tokens,
+                MAX_OUTPUT_TOKENS,
+            ),
             stream,
         )
         .await;
@@ -44,7 +51,13 @@ async fn run_cancelled_stream(
         .enumerate()
         .map(|(seq, delta)| Outbound::json(&chunk(USER, stream, seq as u64, delta, tokens)))
         .collect();
-    let ended = end(USER, stream, &format!("{stream}-end"), EndStatus::Cancelled, None);
+    let ended = end(
+        USER,
+        stream,
+        &format!("{stream}-end"),
+        EndStatus::Cancelled,
+        None,
+    );
     messages.push(Outbound::json(&ended));
     harness.publish_all(&messages).await;
     harness.event("reservation.settled", stream).await
@@ -70,7 +83,10 @@ async fn cancelled_charges_counted_deltas() {
     assert_eq!(settled["status"], "cancelled", "{settled}");
     assert_eq!(settled["usage_source"], "counted", "{settled}");
     assert_eq!(settled["prompt_tokens"], prompt_tokens, "{settled}");
-    assert_eq!(settled["counted_completion_tokens"], completion_tokens, "{settled}");
+    assert_eq!(
+        settled["counted_completion_tokens"], completion_tokens,
+        "{settled}"
+    );
     assert_eq!(settled["completion_tokens"], completion_tokens, "{settled}");
     assert_eq!(settled["reserved"], reserved, "{settled}");
     assert_eq!(settled["cost"], cost, "{settled}");
@@ -106,23 +122,30 @@ async fn cancelled_charges_stated_tokens() {
     let reserved = prompt_tokens + 2 * MAX_OUTPUT_TOKENS as i64;
     let cost = prompt_tokens + 2 * completion_tokens;
 
-    let settled =
-        run_cancelled_stream(&harness, "s-tokens", prompt_tokens as u64, Some(stated_tokens)).await;
+    let settled = run_cancelled_stream(
+        &harness,
+        "s-tokens",
+        prompt_tokens as u64,
+        Some(stated_tokens),
+    )
+    .await;
     assert_eq!(settled["status"], "cancelled", "{settled}");
     assert_eq!(settled["usage_source"], "counted", "{settled}");
-    assert_eq!(settled["counted_completion_tokens"], completion_tokens, "{settled}");
+    assert_eq!(
+        settled["counted_completion_tokens"], completion_tokens,
+        "{settled}"
+    );
     assert_eq!(settled["cost"], cost, "{settled}");
     assert_eq!(settled["charged"], cost, "{settled}");
     assert_eq!(settled["refunded"], reserved - cost, "{settled}");
     assert_eq!(settled["balance_after"], BALANCE - cost, "{settled}");
 
-    let charge: i64 = sqlx::query_scalar(
-        "SELECT amount FROM ledger WHERE user_id = $1 AND kind = 'charge'",
-    )
-    .bind(USER)
-    .fetch_one(&harness.pool)
-    .await
-    .expect("read the charge entry");
+    let charge: i64 =
+        sqlx::query_scalar("SELECT amount FROM ledger WHERE user_id = $1 AND kind = 'charge'")
+            .bind(USER)
+            .fetch_one(&harness.pool)
+            .await
+            .expect("read the charge entry");
     assert_eq!(charge, -cost);
 
     harness.finish().await;

@@ -29,7 +29,17 @@ async fn provider_usage_decides_charge() {
     harness.fund(USER, "g-1", BALANCE).await;
 
     let reply = harness
-        .request(&start(USER, STREAM, "m-start", MODEL, PROMPT_TOKENS, MAX_OUTPUT_TOKENS), "c-start")
+        .request(
+            &start(
+                USER,
+                STREAM,
+                "m-start",
+                MODEL,
+                PROMPT_TOKENS,
+                MAX_OUTPUT_TOKENS,
+            ),
+            "c-start",
+        )
         .await;
     assert_eq!(reply["type"], "reservation.granted", "{reply}");
     assert_eq!(reply["reserved"], RESERVED, "{reply}");
@@ -43,14 +53,23 @@ async fn provider_usage_decides_charge() {
         messages.push(Outbound::json(&chunk(USER, STREAM, seq, &delta, None)));
     }
     let usage = Some((USAGE_PROMPT_TOKENS, USAGE_COMPLETION_TOKENS));
-    messages.push(Outbound::json(&end(USER, STREAM, "m-end", EndStatus::Cancelled, usage)));
+    messages.push(Outbound::json(&end(
+        USER,
+        STREAM,
+        "m-end",
+        EndStatus::Cancelled,
+        usage,
+    )));
     harness.publish_all(&messages).await;
 
     let settled = harness.event("reservation.settled", STREAM).await;
     assert_eq!(settled["status"], "cancelled", "{settled}");
     assert_eq!(settled["usage_source"], "provider", "{settled}");
     assert_eq!(settled["prompt_tokens"], USAGE_PROMPT_TOKENS, "{settled}");
-    assert_eq!(settled["completion_tokens"], USAGE_COMPLETION_TOKENS, "{settled}");
+    assert_eq!(
+        settled["completion_tokens"], USAGE_COMPLETION_TOKENS,
+        "{settled}"
+    );
     assert_eq!(settled["counted_completion_tokens"], counted, "{settled}");
     assert_eq!(settled["reserved"], RESERVED, "{settled}");
     assert_eq!(settled["cost"], COST, "{settled}");

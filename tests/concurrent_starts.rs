@@ -11,9 +11,9 @@ const STARTS: usize = 60;
 const HOLDS_COVERED: usize = 7;
 const MAX_OUTPUT_TOKENS: u64 = 1000;
 
-/// Prompt tokens of one user message "Say foo" under o200k_base: 1 for
-/// the role, 2 for the content, 3 framing tokens for the message and 3
-/// that prime the reply.
+/// Prompt tokens of one user message "Say foo" under o200k_base: the
+/// tokens of role and content, plus 3 framing tokens for the message and
+/// 3 that prime the reply.
 const PROMPT_TOKENS: u64 = 9;
 
 /// gpt-4o-mini costs 150,000 credits per million prompt tokens and
@@ -43,7 +43,10 @@ async fn burst_grants_only_covered_holds() {
             );
             let fields = body.as_object_mut().expect("a start is an object");
             fields.remove("prompt_tokens");
-            fields.insert("messages".to_owned(), json!([{"role": "user", "content": "Say foo"}]));
+            fields.insert(
+                "messages".to_owned(),
+                json!([{"role": "user", "content": "Say foo"}]),
+            );
             Outbound::request(&body, &format!("c-{index}"))
         })
         .collect();

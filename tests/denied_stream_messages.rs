@@ -19,7 +19,10 @@ async fn denied_stream_charges_nothing() {
     harness.fund(USER, "g-1", BALANCE).await;
 
     let reply = harness
-        .request(&start(USER, STREAM, "m-start", ROUND_MODEL, 100, 100), "c-start")
+        .request(
+            &start(USER, STREAM, "m-start", ROUND_MODEL, 100, 100),
+            "c-start",
+        )
         .await;
     assert_eq!(reply["type"], "reservation.denied", "{reply}");
     assert_eq!(reply["requested"], REQUESTED, "{reply}");
@@ -38,9 +41,16 @@ async fn denied_stream_charges_nothing() {
             .iter()
             .find(|letter| letter.message_id.as_deref() == Some(expected_id.as_str()))
             .unwrap_or_else(|| panic!("no dead letter for {expected_id}: {letters:?}"));
-        assert_eq!(letter.error.as_deref(), Some("unknown_stream"), "{expected_id}");
+        assert_eq!(
+            letter.error.as_deref(),
+            Some("unknown_stream"),
+            "{expected_id}"
+        );
         assert_eq!(letter.routing_key.as_deref(), Some(USER), "{expected_id}");
-        assert!(letter.dead_letter_id.is_some(), "{expected_id} has no dead-letter id");
+        assert!(
+            letter.dead_letter_id.is_some(),
+            "{expected_id} has no dead-letter id"
+        );
     }
     let chunk_letter = letters
         .iter()
@@ -55,7 +65,11 @@ async fn denied_stream_charges_nothing() {
     let account = harness.account(USER).await;
     assert_eq!(account.balance, BALANCE);
     assert_eq!(account.reserved, 0);
-    assert_eq!(harness.ledger_rows(USER, "charge").await, 0, "charge ledger rows");
+    assert_eq!(
+        harness.ledger_rows(USER, "charge").await,
+        0,
+        "charge ledger rows"
+    );
     assert!(harness.events("reservation.settled", STREAM).is_empty());
 
     harness.finish().await;

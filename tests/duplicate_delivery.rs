@@ -22,6 +22,18 @@ const COMPLETION_TOKENS: u64 = 18;
 /// 10 prompt tokens at 1 credit plus 18 completion tokens at 2 credits.
 const COST: i64 = 46;
 
+/// Reads the completion tokens the worker counted for the stream.
+async fn counted_tokens(harness: &Harness) -> i64 {
+    sqlx::query_scalar(
+        "SELECT counted_completion_tokens FROM holds WHERE user_id = $1 AND stream_id = $2",
+    )
+    .bind(USER)
+    .bind(STREAM)
+    .fetch_one(&harness.pool)
+    .await
+    .expect("read the hold")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicates_apply_once() {
     let harness = Harness::start("twice", |_| {}).await;
@@ -31,19 +43,33 @@ async fn duplicates_apply_once() {
         .publish_all(&[Outbound::json(&top_up), Outbound::json(&top_up)])
         .await;
     harness.barrier(USER).await;
-    assert_eq!(harness.ledger_rows(USER, "grant").await, 1, "grant ledger rows");
+    assert_eq!(
+        harness.ledger_rows(USER, "grant").await,
+        1,
+        "grant ledger rows"
+    );
     assert_eq!(harness.account(USER).await.balance, GRANTED);
 
     // The second start is published after the first reply, so the two
     // deliveries are applied in separate transactions.
-    let started = start(USER, STREAM, "m-start", ROUND_MODEL, PROMPT_TOKENS, MAX_OUTPUT_TOKENS);
+    let started = start(
+        USER,
+        STREAM,
+        "m-start",
+        ROUND_MODEL,
+        PROMPT_TOKENS,
+        MAX_OUTPUT_TOKENS,
+    );
     let first = harness.request(&started, "c-first").await;
     let second = harness.request(&started, "c-second").await;
     assert_eq!(first["type"], "reservation.granted", "{first}");
     assert_eq!(first["reserved"], RESERVED, "{first}");
     assert_eq!(second["event_id"], first["event_id"]);
     assert_eq!(second["reservation_id"], first["reservation_id"]);
-    assert_eq!(second, first, "the duplicate start gets the same reply body");
+    assert_eq!(
+        second, first,
+        "the duplicate start gets the same reply body"
+    );
     assert_eq!(harness.account(USER).await.reserved, RESERVED);
 
     let mut deliveries = Vec::new();
@@ -59,7 +85,10 @@ async fn duplicates_apply_once() {
 
     let settled = harness.event("reservation.settled", STREAM).await;
     harness.barrier(USER).await;
-    assert_eq!(settled["counted_completion_tokens"], COMPLETION_TOKENS, "{settled}");
+    assert_eq!(
+        settled["counted_completion_tokens"], COMPLETION_TOKENS,
+        "{settled}"
+    );
     assert_eq!(settled["completion_tokens"], COMPLETION_TOKENS, "{settled}");
     assert_eq!(settled["cost"], COST, "{settled}");
     assert_eq!(settled["charged"], COST, "{settled}");
@@ -70,17 +99,29 @@ async fn duplicates_apply_once() {
         1,
         "settled events for the stream"
     );
-    assert_eq!(harness.ledger_rows(USER, "charge").await, 1, "charge ledger rows");
+    assert_eq!(
+        harness.ledger_rows(USER, "charge").await,
+        1,
+        "charge ledger rows"
+    );
 
-    let counted: i64 = sqlx::query_scalar(
-        "SELECT counted_completion_tokens FROM holds WHERE user_id = $1 AND stream_id = $2",
-    )
-    .bind(USER)
-    .bind(STREAM)
-    .fetch_one(&harness.pool)
-    .await
-    .expect("read the hold");
+    let counted = counted_tokens(&harness).await;
     assert_eq!(counted, COMPLETION_TOKENS as i64);
+
+    // A chunk after settlement is dropped: not counted, not dead-lettered.
+    let late_seq = CHUNK_TOKENS.len() as u64;
+    harness
+        .publish(&chunk(USER, STREAM, late_seq, "late", Some(50)))
+        .await;
+    harness.barrier(USER).await;
+    let letters = harness.take_dead_letters().await;
+    assert!(letters.is_empty(), "dead letters: {letters:?}");
+
+    let counted = counted_tokens(&harness).await;
+    assert_eq!(
+        counted, COMPLETION_TOKENS as i64,
+        "counted tokens after a late chunk"
+    );
 
     let account = harness.account(USER).await;
     assert_eq!(account.balance, GRANTED - COST);

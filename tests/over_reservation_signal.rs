@@ -28,7 +28,17 @@ async fn over_reservation_sent_once() {
     harness.fund(USER, "g-1", BALANCE).await;
 
     let reply = harness
-        .request(&start(USER, STREAM, "m-start", ROUND_MODEL, PROMPT_TOKENS, MAX_OUTPUT_TOKENS), "c-start")
+        .request(
+            &start(
+                USER,
+                STREAM,
+                "m-start",
+                ROUND_MODEL,
+                PROMPT_TOKENS,
+                MAX_OUTPUT_TOKENS,
+            ),
+            "c-start",
+        )
         .await;
     assert_eq!(reply["reserved"], RESERVED, "{reply}");
 
@@ -37,7 +47,13 @@ async fn over_reservation_sent_once() {
         .enumerate()
         .map(|(seq, tokens)| Outbound::json(&chunk(USER, STREAM, seq as u64, "text", Some(tokens))))
         .collect();
-    messages.push(Outbound::json(&end(USER, STREAM, "m-end", EndStatus::Completed, None)));
+    messages.push(Outbound::json(&end(
+        USER,
+        STREAM,
+        "m-end",
+        EndStatus::Completed,
+        None,
+    )));
     harness.publish_all(&messages).await;
 
     // The worker publishes one shard's events in order, so the signal of
@@ -49,11 +65,17 @@ async fn over_reservation_sent_once() {
     let signals = harness.events("usage.over_reservation", STREAM);
     assert_eq!(signals.len(), 1, "over-reservation events: {signals:?}");
     let signal = &signals[0];
-    assert_eq!(signal["reservation_id"], reply["reservation_id"], "{signal}");
+    assert_eq!(
+        signal["reservation_id"], reply["reservation_id"],
+        "{signal}"
+    );
     assert_eq!(signal["reserved"], RESERVED, "{signal}");
     assert_eq!(signal["cost_so_far"], FIRST_OVER_COST, "{signal}");
     assert_eq!(signal["prompt_tokens"], PROMPT_TOKENS, "{signal}");
-    assert_eq!(signal["counted_completion_tokens"], FIRST_OVER_TOKENS, "{signal}");
+    assert_eq!(
+        signal["counted_completion_tokens"], FIRST_OVER_TOKENS,
+        "{signal}"
+    );
 
     let stored: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM outbox WHERE event_type = 'usage.over_reservation'",

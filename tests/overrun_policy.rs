@@ -1,5 +1,5 @@
 //! Provider usage above the hold is debited in full or capped at the
-//! hold, as `reservations.overrun` says.
+//! hold, as `reservations.overrun` sets.
 
 mod common;
 
@@ -23,7 +23,10 @@ const OVERRUN: i64 = COST - RESERVED;
 async fn settle_over_hold(harness: &Harness) -> serde_json::Value {
     harness.fund(USER, "g-1", BALANCE).await;
     let reply = harness
-        .request(&start(USER, STREAM, "m-start", ROUND_MODEL, 10, 20), "c-start")
+        .request(
+            &start(USER, STREAM, "m-start", ROUND_MODEL, 10, 20),
+            "c-start",
+        )
         .await;
     assert_eq!(reply["type"], "reservation.granted", "{reply}");
     assert_eq!(reply["reserved"], RESERVED, "{reply}");
@@ -58,7 +61,10 @@ async fn debit_charges_full_cost() {
 
     // A user below zero is denied even the smallest hold until topped up.
     let denied = harness
-        .request(&start(USER, "s-small", "m-small", ROUND_MODEL, 0, 1), "c-small")
+        .request(
+            &start(USER, "s-small", "m-small", ROUND_MODEL, 0, 1),
+            "c-small",
+        )
         .await;
     assert_eq!(denied["type"], "reservation.denied", "{denied}");
     assert_eq!(denied["reason"], "insufficient_credits", "{denied}");
@@ -67,10 +73,17 @@ async fn debit_charges_full_cost() {
 
     harness.fund(USER, "g-2", 200).await;
     let granted = harness
-        .request(&start(USER, "s-small", "m-small-2", ROUND_MODEL, 0, 1), "c-small-2")
+        .request(
+            &start(USER, "s-small", "m-small-2", ROUND_MODEL, 0, 1),
+            "c-small-2",
+        )
         .await;
     assert_eq!(granted["type"], "reservation.granted", "{granted}");
-    assert_eq!(granted["available_after"], BALANCE - COST + 200 - 2, "{granted}");
+    assert_eq!(
+        granted["available_after"],
+        BALANCE - COST + 200 - 2,
+        "{granted}"
+    );
 
     harness.finish().await;
 }

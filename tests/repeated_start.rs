@@ -1,5 +1,5 @@
-//! A new `message_id` for a stream that holds credits reuses the grant;
-//! one for a denied stream is decided again.
+//! A new `message_id` for a stream with an open hold reuses the grant,
+//! and one for a denied stream is decided again.
 
 mod common;
 
@@ -63,7 +63,11 @@ async fn denied_stream_granted_after_top_up() {
     assert_eq!(granted["type"], "reservation.granted", "{granted}");
     assert_eq!(granted["stream_id"], "s-1", "{granted}");
     assert_eq!(granted["reserved"], DENIED_REQUESTED, "{granted}");
-    assert_eq!(granted["available_after"], 600 - DENIED_REQUESTED, "{granted}");
+    assert_eq!(
+        granted["available_after"],
+        600 - DENIED_REQUESTED,
+        "{granted}"
+    );
 
     let account = harness.account(user).await;
     assert_eq!(account.balance, 600);

@@ -29,7 +29,10 @@ async fn sixth_hold_is_denied() {
             MAX_OUTPUT_TOKENS,
         );
         let reply = harness.request(&body, &format!("c-{index}")).await;
-        assert_eq!(reply["type"], "reservation.granted", "start {index}: {reply}");
+        assert_eq!(
+            reply["type"], "reservation.granted",
+            "start {index}: {reply}"
+        );
         assert_eq!(reply["reserved"], HOLD_COST, "start {index}: {reply}");
         assert_eq!(
             reply["available_after"],
@@ -38,7 +41,14 @@ async fn sixth_hold_is_denied() {
         );
     }
 
-    let body = start(USER, "s-5", "m-5", ROUND_MODEL, PROMPT_TOKENS, MAX_OUTPUT_TOKENS);
+    let body = start(
+        USER,
+        "s-5",
+        "m-5",
+        ROUND_MODEL,
+        PROMPT_TOKENS,
+        MAX_OUTPUT_TOKENS,
+    );
     let reply = harness.request(&body, "c-5").await;
     assert_eq!(reply["type"], "reservation.denied", "{reply}");
     assert_eq!(reply["reason"], "insufficient_credits", "{reply}");

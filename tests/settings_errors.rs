@@ -20,7 +20,10 @@ async fn negative_price_exits_2() {
     .await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
-    assert!(stderr.contains("models.gpt-4o.input_per_million"), "stderr: {stderr}");
+    assert!(
+        stderr.contains("models.gpt-4o.input_per_million"),
+        "stderr: {stderr}"
+    );
 
     let _ = std::fs::remove_dir_all(&directory);
     harness.finish().await;
@@ -44,7 +47,10 @@ async fn broker_url_typo_exits_2() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
     assert!(stderr.contains("amqp.url"), "stderr: {stderr}");
-    assert!(!stderr.contains("typo-password"), "stderr shows the password: {stderr}");
+    assert!(
+        !stderr.contains("typo-password"),
+        "stderr shows the password: {stderr}"
+    );
 
     harness.finish().await;
 }
