@@ -131,8 +131,11 @@ pub async fn execute(settings: Arc<Settings>, command: DlqCommand) -> Result<(),
         DlqCommand::Purge(args) => purge(&letters, &args).await,
     };
     // Closing the channel returns every letter not acknowledged above.
-    let _ = channel.close(200, "done".into()).await;
-    let _ = connection.close(200, "done".into()).await;
+    // lapin 4.12 can wait forever on a close once its I/O loop has
+    // stopped, so each close is bounded.
+    let bound = std::time::Duration::from_secs(5);
+    let _ = tokio::time::timeout(bound, channel.close(200, "done".into())).await;
+    let _ = tokio::time::timeout(bound, connection.close(200, "done".into())).await;
     result
 }
 

@@ -113,17 +113,7 @@ impl Producer {
         let names = topology::declare(&channel, &settings.topology).await?;
 
         let replies: Waiters = Arc::default();
-        let reply_consumer = channel
-            .basic_consume(
-                DIRECT_REPLY_TO.into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let reply_consumer = consume_no_ack(&channel, DIRECT_REPLY_TO).await?;
         tokio::spawn(route_replies(reply_consumer, replies.clone()));
 
         let events = connection.create_channel().await?;
@@ -147,17 +137,7 @@ impl Producer {
                 FieldTable::default(),
             )
             .await?;
-        let event_consumer = events
-            .basic_consume(
-                queue.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let event_consumer = consume_no_ack(&events, queue.name().as_str()).await?;
         let settled = Arc::default();
         let settled_notify = Arc::new(Notify::new());
         tokio::spawn(collect_settlements(
@@ -184,17 +164,7 @@ impl Producer {
         message_id: &str,
         message: &T,
     ) -> Result<(), ProducerError> {
-        let body = serde_json::to_vec(message).expect("messages serialize");
-        let confirm = self
-            .channel
-            .basic_publish(
-                self.names.events.as_str().into(),
-                user_id.into(),
-                BasicPublishOptions::default(),
-                &body,
-                message_properties(message_id),
-            )
-            .await?;
+        let confirm = self.send(user_id, message_id, message).await?;
         confirmed(confirm.await?)
     }
 
@@ -347,6 +317,18 @@ impl Producer {
                 seconds: self.timeout.as_secs(),
             })
     }
+}
+
+/// Subscribes to `queue` with automatic acknowledgement: replies and
+/// events are only read here, so a lost one only costs a timeout.
+async fn consume_no_ack(channel: &Channel, queue: &str) -> Result<lapin::Consumer, lapin::Error> {
+    let options = BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    channel
+        .basic_consume(queue.into(), "".into(), options, FieldTable::default())
+        .await
 }
 
 fn message_properties(message_id: &str) -> BasicProperties {

@@ -82,7 +82,8 @@ impl Settlement {
     fn assert_consistent(&self, reserved: Credits) {
         assert!(self.charged.0 >= 0, "a charge is never negative");
         assert!(self.refunded.0 <= reserved.0, "a refund never exceeds its hold");
-        assert!(self.forgiven.0 >= 0 && self.forgiven.0 <= self.overrun.0);
+        assert!(self.forgiven.0 >= 0, "nothing is forgiven below zero");
+        assert!(self.forgiven.0 <= self.overrun.0, "only an overrun is forgiven");
         assert_eq!(self.charged.0 + self.forgiven.0, self.cost.0);
         if self.charged <= reserved {
             assert_eq!(self.charged.0 + self.refunded.0, reserved.0);

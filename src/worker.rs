@@ -44,7 +44,12 @@ const RELAY_INTERVAL: Duration = Duration::from_secs(5);
 /// crash between commit and publish, rather than in flight.
 const RELAY_AGE_SECONDS: f64 = 10.0;
 
-/// Most holds expired or outbox rows relayed in one transaction.
+/// Maximum wait for a connection to close. lapin 4.12 can wait forever
+/// on a close once its I/O loop has stopped.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// Maximum number of holds expired or outbox rows relayed in one
+/// transaction.
 const SWEEP_BATCH_MAX: i64 = 200;
 
 /// A failure that ends the worker.
@@ -155,7 +160,12 @@ impl Worker {
                 }
             }
         }
-        self.pool.close().await;
+        // Closing waits for connections in use to come back; a query stuck
+        // on an unreachable server must not keep the process alive.
+        let close = self.pool.close();
+        if tokio::time::timeout(CLOSE_WAIT, close).await.is_err() {
+            warn!(?CLOSE_WAIT, "database pool did not close in time");
+        }
         info!("worker stopped");
         Ok(())
     }
@@ -209,7 +219,7 @@ impl Worker {
         // lapin's close can wait forever once its I/O loop has stopped, so
         // it is bounded; the broker drops the socket's channels either way.
         let close = connection.close(200, "worker stopping".into());
-        let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
+        let _ = tokio::time::timeout(CLOSE_WAIT, close).await;
         result
     }
 
@@ -480,13 +490,19 @@ impl Shard {
                 detail: &rejection.detail,
             };
             let id = broker::dead_letter(&self.channel, &self.names, letter).await?;
+            // A rejection made by the ledger comes from a decoded message,
+            // whose id the decoder's partial read does not carry.
+            let message_id = match &item.message {
+                Ok(message) => Some(message.message_id()),
+                Err(rejection) => rejection.partial.message_id.as_deref(),
+            };
             metrics::counter!("stream_credits_dead_letters_total", "reason" => rejection.reason.code())
                 .increment(1);
             warn!(
                 reason = rejection.reason.code(),
                 detail = %rejection.detail,
                 dead_letter.id = %id,
-                message.id = rejection.partial.message_id.as_deref().unwrap_or_default(),
+                message.id = message_id.unwrap_or_default(),
                 user.id = item.delivery.routing_key.as_str(),
                 "message dead-lettered"
             );

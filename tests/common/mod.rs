@@ -9,6 +9,8 @@
 
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
