@@ -14,7 +14,7 @@ use crate::ledger::{Ledger, Outcome, ReplyTo};
 use crate::messages::{CreditsGranted, Inbound};
 use crate::settings::Settings;
 use crate::worker::{self, WorkerError};
-use crate::{db, demo, dlq, producer, telemetry};
+use crate::{accounts, bench, db, demo, dlq, producer, telemetry};
 
 /// Credit reservation and settlement for streaming LLM chats.
 #[derive(Debug, Parser)]
@@ -41,6 +41,9 @@ pub enum Command {
     /// Publish recorded provider streams to a running worker and print
     /// each stream's settlement.
     Replay(producer::ReplayArgs),
+    /// Measure throughput, latency and memory against the local services
+    /// on a database and topology prefix of its own.
+    Bench(bench::BenchArgs),
     /// Grant credits or show an account.
     #[command(subcommand)]
     Account(AccountCommand),
@@ -142,6 +145,7 @@ pub async fn execute(command: Command, settings: Arc<Settings>) -> Result<(), Fa
         }
         Command::Demo(args) => demo::run(settings, args).await,
         Command::Replay(args) => producer::replay(settings, args).await,
+        Command::Bench(args) => bench::run(settings, args).await,
         Command::Account(AccountCommand::Grant(args)) => grant(settings, args).await,
         Command::Account(AccountCommand::Show(args)) => show(settings, args).await,
         Command::Dlq(command) => dlq::execute(settings, command).await,
@@ -210,7 +214,7 @@ async fn grant(settings: Arc<Settings>, args: GrantArgs) -> Result<(), Failure> 
         Outcome::DeadLetter(rejection) => return Err(Failure::usage(rejection)),
         Outcome::Dropped(_) => unreachable!("a grant is never dropped"),
     }
-    print_account(&pool, &args.user, true).await
+    print_account(&pool, &settings, &args.user, true).await
 }
 
 fn grant_body(message: &Inbound) -> serde_json::Value {
@@ -222,20 +226,36 @@ fn grant_body(message: &Inbound) -> serde_json::Value {
 
 async fn show(settings: Arc<Settings>, args: ShowArgs) -> Result<(), Failure> {
     let pool = db::migrate(&settings.database).await?;
-    print_account(&pool, &args.user, args.json).await
+    print_account(&pool, &settings, &args.user, args.json).await
 }
 
-async fn print_account(pool: &sqlx::PgPool, user: &str, json: bool) -> Result<(), Failure> {
+async fn print_account(
+    pool: &sqlx::PgPool,
+    settings: &Settings,
+    user: &str,
+    json: bool,
+) -> Result<(), Failure> {
     let mut conn = pool.acquire().await?;
-    let account = crate::ledger::account(&mut conn, user)
+    let detail = accounts::detail(&mut conn, user, settings.reservations.ttl_seconds)
         .await?
         .with_context(|| format!("account `{user}` not found: no credits were ever granted to it"))?;
     if json {
-        println!("{}", serde_json::to_string(&account).expect("accounts serialize"));
-    } else {
+        println!("{}", serde_json::to_string(&detail).expect("accounts serialize"));
+        return Ok(());
+    }
+    let account = &detail.account;
+    println!(
+        "{}: balance {}, reserved {}, available {}, {} open holds",
+        account.user_id,
+        account.balance,
+        account.reserved,
+        account.available,
+        detail.holds.len()
+    );
+    for hold in &detail.holds {
         println!(
-            "{}: balance {}, reserved {}, available {}",
-            account.user_id, account.balance, account.reserved, account.available
+            "  stream {}: {} held, {} completion tokens counted, expires {}",
+            hold.stream_id, hold.reserved, hold.counted_completion_tokens, hold.expires_at
         );
     }
     Ok(())

@@ -1,13 +1,16 @@
 //! The HTTP endpoint: Prometheus `/metrics`, `/healthz` (the process is
-//! up) and `/readyz` (the database and the broker both answer).
+//! up), `/readyz` (the database and the broker both respond) and the
+//! read-only `GET /accounts/{user_id}` with the account's open holds.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
-use axum::extract::State;
+use axum::Json;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use sqlx::PgPool;
@@ -19,6 +22,8 @@ pub struct Readiness {
     pub pool: PgPool,
     /// Set by the worker while its broker session is up.
     pub broker_connected: Arc<AtomicBool>,
+    /// Idle time after which a hold expires, to date open holds' expiry.
+    pub ttl_seconds: u64,
 }
 
 #[derive(Clone)]
@@ -44,6 +49,7 @@ pub async fn serve(
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .route("/accounts/{user_id}", get(account))
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(%listen, "serving /metrics, /healthz and /readyz");
@@ -53,7 +59,41 @@ pub async fn serve(
 }
 
 async fn render_metrics(State(state): State<AppState>) -> String {
+    // Open holds are counted at scrape time, so every worker process
+    // reports the same figures for the shared database.
+    let open = sqlx::query_as::<_, (i64, i64)>(
+        "SELECT count(*), coalesce(sum(reserved), 0)::bigint FROM holds WHERE settled_at IS NULL",
+    )
+    .fetch_one(&state.readiness.pool)
+    .await;
+    match open {
+        Ok((holds, credits)) => {
+            metrics::gauge!("stream_credits_holds_open").set(holds as f64);
+            metrics::gauge!("stream_credits_credits_held").set(credits as f64);
+        }
+        Err(error) => {
+            metrics::counter!("stream_credits_database_errors_total").increment(1);
+            tracing::warn!(%error, "cannot read open holds for /metrics");
+        }
+    }
     state.metrics.render()
+}
+
+async fn account(State(state): State<AppState>, Path(user_id): Path<String>) -> Response {
+    let ttl_seconds = state.readiness.ttl_seconds;
+    let result = async {
+        let mut conn = state.readiness.pool.acquire().await?;
+        crate::accounts::detail(&mut conn, &user_id, ttl_seconds).await
+    }
+    .await;
+    match result {
+        Ok(Some(detail)) => Json(detail).into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, format!("account `{user_id}` not found\n")).into_response(),
+        Err(error) => {
+            tracing::warn!(%error, user.id = %user_id, "cannot read an account");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n").into_response()
+        }
+    }
 }
 
 async fn ready(State(state): State<AppState>) -> (StatusCode, &'static str) {

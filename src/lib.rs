@@ -21,17 +21,21 @@
 //!   replies and events.
 //! - [`worker`]: the consumer loop, batches, retries, dead letters and the
 //!   expiry sweep.
+//! - [`accounts`]: read-only account views with their open holds.
 //! - [`invariants`]: whole-database checks of the ledger's invariants.
 //! - [`db`]: connection pool and embedded migrations.
 //! - [`replay`]: parsers of recorded provider streams and conversations.
 //! - [`producer`]: the producer side, publishing chats and awaiting their
 //!   grants and settlements (used by `replay` and `demo`).
 //! - [`dlq`]: listing, showing, replaying and purging dead letters.
+//! - [`bench`]: the benchmark against the local broker and database.
 //! - [`demo`]: the end-to-end demonstration on real recorded input.
 //! - [`cli`]: the command line.
 //! - [`http`]: `/metrics`, `/healthz` and `/readyz`.
 //! - [`telemetry`]: logging setup.
 
+pub mod accounts;
+pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod db;

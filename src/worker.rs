@@ -99,6 +99,7 @@ pub async fn run(settings: Arc<Settings>, shutdown: CancellationToken) -> Result
         let readiness = crate::http::Readiness {
             pool: pool.clone(),
             broker_connected: broker_connected.clone(),
+            ttl_seconds: settings.reservations.ttl_seconds,
         };
         let stop = shutdown.clone();
         tokio::spawn(async move {

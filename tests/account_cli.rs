@@ -49,7 +49,7 @@ async fn account_commands_work() {
         .map(String::as_str)
         .collect();
     keys.sort_unstable();
-    assert_eq!(keys, ["available", "balance", "reserved", "user_id"]);
+    assert_eq!(keys, ["available", "balance", "holds", "reserved", "user_id"]);
     assert_eq!(shown["user_id"], USER);
     assert_eq!(shown["balance"], 500);
     assert_eq!(shown["reserved"], 0);

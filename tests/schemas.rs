@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use schemars::{JsonSchema, schema_for};
 use serde_json::{Value, json};
-use stream_credits::ledger::AccountView;
+use stream_credits::accounts::AccountDetail;
 use stream_credits::messages::{
     self, ChunkEmitted, CreditsGranted, EndStatus, Inbound, PromptInput, ReservationAdjusted,
     ReservationDenied, ReservationGranted, ReservationSettled, StreamEnded, StreamStarted,
@@ -179,7 +179,7 @@ fn usage_over_reservation_schema_matches_file() {
 
 #[test]
 fn account_view_schema_matches_file() {
-    check_schema_file::<AccountView>("account");
+    check_schema_file::<AccountDetail>("account");
 }
 
 #[test]

@@ -1,0 +1,773 @@
+//! `stream-credits bench`: measures the worker against the broker and
+//! PostgreSQL it runs on, on its own database and topology prefix.
+//!
+//! Every figure comes from one run on the local services; nothing here is
+//! a pass or fail check. The last line printed is one JSON object with
+//! the headline figures.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use futures_util::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection};
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::cli::Failure;
+use crate::messages::{ChatMessage, ChunkEmitted, CreditsGranted, EndStatus, StreamEnded, StreamStarted};
+use crate::settings::Settings;
+use crate::topology::{self, Names};
+use crate::{broker, db, replay, tokens, worker};
+
+/// Publishes between two waits for confirms. Large enough to keep the
+/// broker busy, small enough to bound the messages in flight.
+const CONFIRM_WINDOW: usize = 2_000;
+
+/// Credits of each benchmark user: far more than any hold it places.
+const USER_CREDITS: i64 = 1_000_000_000;
+
+/// Model every benchmark stream is billed as.
+const MODEL: &str = "gpt-4o-mini";
+
+/// Arguments of `bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Folder with the OpenAssistant conversations.
+    #[arg(long, default_value = "data")]
+    pub data: PathBuf,
+    /// Streams in the throughput mix.
+    #[arg(long, default_value_t = 400)]
+    pub streams: usize,
+    /// Users the streams are spread over.
+    #[arg(long, default_value_t = 200)]
+    pub users: usize,
+    /// Starts per second in the grant round-trip measurement.
+    #[arg(long, default_value_t = 500)]
+    pub grant_rate: u32,
+    /// Duration of the grant round-trip measurement, in seconds.
+    #[arg(long, default_value_t = 4)]
+    pub grant_seconds: u32,
+    /// Open streams in the memory measurement.
+    #[arg(long, default_value_t = 100_000)]
+    pub open_streams: usize,
+    /// Starts in the reservation-rate measurement.
+    #[arg(long, default_value_t = 20_000)]
+    pub reservations: usize,
+    /// Where to draw throughput against concurrent streams (SVG).
+    #[arg(long, default_value = "docs/throughput.svg")]
+    pub plot: PathBuf,
+    /// Keep the benchmark database and queues for inspection.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// The figures of one run, printed last as one JSON line.
+#[derive(Debug, Default, Serialize)]
+pub struct Figures {
+    pub broker_messages_per_second: f64,
+    pub worker_messages_per_second: f64,
+    pub chunk_throughput_ratio: f64,
+    pub grant_rtt_p50_ms: f64,
+    pub grant_rtt_p99_ms: f64,
+    pub echo_rtt_p50_ms: f64,
+    pub echo_rtt_p99_ms: f64,
+    pub db_transactions_per_chunk: f64,
+    pub reservations_per_second: f64,
+    pub pgbench_tps: f64,
+    pub bytes_per_open_stream: f64,
+    pub token_count_ns_per_chunk: f64,
+}
+
+/// One message of the mix, ready to publish.
+#[derive(Clone)]
+struct Outbound {
+    routing_key: String,
+    body: Vec<u8>,
+}
+
+/// Runs every measurement and prints the table and the JSON line.
+pub async fn run(settings: Arc<Settings>, args: BenchArgs) -> Result<(), Failure> {
+    let run_id = Uuid::now_v7().simple().to_string()[..10].to_owned();
+    let mut settings = (*settings).clone();
+    settings.database.url = database_url(&settings, &format!("stream_credits_bench_{run_id}"))?;
+    settings.http.listen = String::new();
+    settings.reservations.max_active_per_user = u32::MAX / 2;
+    let settings = Arc::new(settings);
+
+    let conversations = replay::load_conversations(&args.data.join("oasst-en100/en_100_tree.jsonl"))
+        .context("cannot read the OpenAssistant conversations; run from the repository root or pass --data")?;
+    let bpe = tokens::encoder("o200k_base").expect("o200k_base is built in");
+    let answers: Vec<Vec<String>> = conversations
+        .iter()
+        .map(|conversation| replay::token_sized_deltas(&conversation.answer, bpe))
+        .collect();
+
+    let progress = ProgressBar::new(7).with_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("static template"),
+    );
+    let mut figures = Figures::default();
+    let pool = db::migrate(&settings.database).await?;
+    let connection = broker::connect(&settings.amqp.url, "stream-credits bench").await?;
+
+    progress.set_message("token counting");
+    figures.token_count_ns_per_chunk = token_count_ns(&answers);
+    progress.inc(1);
+
+    progress.set_message("broker ceiling");
+    let mix = stream_mix(&run_id, &answers, &args, "m");
+    let ceiling_prefix = format!("bench-{run_id}-ceiling");
+    figures.broker_messages_per_second =
+        broker_ceiling(&connection, &settings, &ceiling_prefix, &mix).await?;
+    progress.inc(1);
+
+    progress.set_message("worker throughput");
+    let worker_settings = with_prefix(&settings, &format!("bench-{run_id}-worker"));
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(worker::run(worker_settings.clone(), shutdown.clone()));
+    let names = Names::new(&worker_settings.topology.prefix);
+    let channel = broker::confirm_channel(&connection).await?;
+    topology::declare(&channel, &worker_settings.topology)
+        .await
+        .map_err(Failure::from)?;
+    fund(&channel, &names, &run_id, args.users).await?;
+    let chunks = mix.iter().filter(|message| message.body.starts_with(b"{\"type\":\"chunk")).count();
+    let commits_before = commits(&pool).await?;
+    let (worker_rate, _) = worker_throughput(&channel, &names, &pool, &mix, args.streams).await?;
+    let commits_after = commits(&pool).await?;
+    figures.worker_messages_per_second = worker_rate;
+    figures.chunk_throughput_ratio = worker_rate / figures.broker_messages_per_second.max(1.0);
+    figures.db_transactions_per_chunk = (commits_after - commits_before) as f64 / chunks.max(1) as f64;
+    progress.inc(1);
+
+    progress.set_message("throughput against concurrent streams");
+    let mut curve = Vec::new();
+    for (round, concurrent) in [1usize, 10, 50, 200].into_iter().enumerate() {
+        let streams = args.streams.min(400).max(concurrent);
+        let round_args = BenchArgs { streams, ..args.clone_for_curve(concurrent) };
+        let mix = stream_mix(&run_id, &answers, &round_args, &format!("c{round}"));
+        let (rate, _) = worker_throughput(&channel, &names, &pool, &mix, streams).await?;
+        curve.push((concurrent, rate));
+    }
+    draw_plot(&args.plot, &curve).context("cannot draw the throughput plot")?;
+    progress.inc(1);
+
+    progress.set_message("grant round trip");
+    let (grant_p50, grant_p99) = grant_rtt(&connection, &names, &run_id, &args).await?;
+    let (echo_p50, echo_p99) = echo_rtt(&connection, &args).await?;
+    figures.grant_rtt_p50_ms = grant_p50;
+    figures.grant_rtt_p99_ms = grant_p99;
+    figures.echo_rtt_p50_ms = echo_p50;
+    figures.echo_rtt_p99_ms = echo_p99;
+    progress.inc(1);
+
+    progress.set_message("reservations and pgbench");
+    figures.reservations_per_second = reservation_rate(&channel, &names, &pool, &run_id, &args).await?;
+    figures.pgbench_tps = pgbench(&settings, &pool).await?;
+    progress.inc(1);
+
+    progress.set_message("memory per open stream");
+    figures.bytes_per_open_stream = memory_per_open_stream(&channel, &names, &pool, &run_id, &args).await?;
+    progress.inc(1);
+    progress.finish_and_clear();
+
+    shutdown.cancel();
+    worker.await.context("worker task failed")??;
+    if !args.keep {
+        cleanup(&connection, &settings, &[&ceiling_prefix, &worker_settings.topology.prefix]).await;
+        drop(pool);
+        drop_database(&settings).await;
+    }
+    print_figures(&figures, &curve, &args);
+    Ok(())
+}
+
+impl BenchArgs {
+    fn clone_for_curve(&self, concurrent: usize) -> Self {
+        Self {
+            data: self.data.clone(),
+            streams: self.streams,
+            users: concurrent.max(1),
+            grant_rate: self.grant_rate,
+            grant_seconds: self.grant_seconds,
+            open_streams: self.open_streams,
+            reservations: self.reservations,
+            plot: self.plot.clone(),
+            keep: self.keep,
+        }
+    }
+}
+
+fn database_url(settings: &Settings, name: &str) -> Result<crate::settings::SecretUrl, Failure> {
+    let mut url = url::Url::parse(settings.database.url.expose()).map_err(Failure::usage)?;
+    url.set_path(name);
+    Ok(crate::settings::SecretUrl::new(url.to_string()))
+}
+
+fn with_prefix(settings: &Settings, prefix: &str) -> Arc<Settings> {
+    let mut settings = settings.clone();
+    settings.topology.prefix = prefix.to_owned();
+    Arc::new(settings)
+}
+
+fn user_id(run_id: &str, index: usize) -> String {
+    format!("bench-{run_id}-u{index}")
+}
+
+/// Builds the message mix: every stream's start, deltas and end, with
+/// `args.users` streams interleaved at a time as concurrent chats are.
+fn stream_mix(run_id: &str, answers: &[Vec<String>], args: &BenchArgs, tag: &str) -> Vec<Outbound> {
+    let now = chrono::Utc::now();
+    let mut per_stream: Vec<Vec<Outbound>> = Vec::with_capacity(args.streams);
+    for index in 0..args.streams {
+        let user = user_id(run_id, index % args.users.max(1));
+        let stream_id = format!("bench-{run_id}-{tag}-s{index}");
+        let deltas = &answers[index % answers.len()];
+        let mut messages = Vec::with_capacity(deltas.len() + 2);
+        let start = StreamStarted {
+            kind: Default::default(),
+            message_id: format!("{stream_id}-start"),
+            user_id: user.clone(),
+            stream_id: stream_id.clone(),
+            model: MODEL.to_owned(),
+            messages: Some(vec![ChatMessage {
+                role: "user".to_owned(),
+                content: "Benchmark prompt".to_owned(),
+                name: None,
+            }]),
+            prompt: None,
+            prompt_tokens: None,
+            max_output_tokens: Some(2048),
+            occurred_at: now,
+        };
+        messages.push(outbound(&user, &start));
+        for (seq, delta) in deltas.iter().enumerate() {
+            let chunk = ChunkEmitted {
+                kind: Default::default(),
+                message_id: format!("{stream_id}-c{seq}"),
+                user_id: user.clone(),
+                stream_id: stream_id.clone(),
+                seq: seq as u64,
+                delta: delta.clone(),
+                tokens: None,
+                occurred_at: now,
+            };
+            messages.push(outbound(&user, &chunk));
+        }
+        let end = StreamEnded {
+            kind: Default::default(),
+            message_id: format!("{stream_id}-end"),
+            user_id: user.clone(),
+            stream_id,
+            status: EndStatus::Completed,
+            usage: None,
+            occurred_at: now,
+        };
+        messages.push(outbound(&user, &end));
+        per_stream.push(messages);
+    }
+    interleave(per_stream, args.users.max(1))
+}
+
+/// Interleaves streams `width` at a time: message k of each stream in a
+/// group, then message k + 1, so `width` chats are open at once.
+fn interleave(per_stream: Vec<Vec<Outbound>>, width: usize) -> Vec<Outbound> {
+    let mut mix = Vec::new();
+    for group in per_stream.chunks(width) {
+        let longest = group.iter().map(Vec::len).max().unwrap_or(0);
+        for position in 0..longest {
+            for stream in group {
+                if let Some(message) = stream.get(position) {
+                    mix.push(message.clone());
+                }
+            }
+        }
+    }
+    mix
+}
+
+fn outbound<T: Serialize>(user: &str, message: &T) -> Outbound {
+    Outbound {
+        routing_key: user.to_owned(),
+        body: serde_json::to_vec(message).expect("messages serialize"),
+    }
+}
+
+fn properties() -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+}
+
+/// Publishes `messages` to `exchange`, waiting for confirms every window.
+async fn publish_all(channel: &Channel, exchange: &str, messages: &[Outbound]) -> Result<(), Failure> {
+    for window in messages.chunks(CONFIRM_WINDOW) {
+        let mut confirms = Vec::with_capacity(window.len());
+        for message in window {
+            let confirm = channel
+                .basic_publish(
+                    exchange.into(),
+                    message.routing_key.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &message.body,
+                    properties(),
+                )
+                .await?;
+            confirms.push(confirm);
+        }
+        for confirm in confirms {
+            confirm.await?;
+        }
+    }
+    Ok(())
+}
+
+fn token_count_ns(answers: &[Vec<String>]) -> f64 {
+    let bpe = tokens::encoder("o200k_base").expect("o200k_base is built in");
+    let chunks: Vec<&str> = answers.iter().flatten().map(String::as_str).collect();
+    let started = Instant::now();
+    let mut total = 0u64;
+    for chunk in &chunks {
+        total += tokens::count_text(bpe, chunk);
+    }
+    let elapsed = started.elapsed();
+    std::hint::black_box(total);
+    elapsed.as_nanos() as f64 / chunks.len().max(1) as f64
+}
+
+/// Messages per second through the shard queues to consumers that only
+/// acknowledge, with the worker's prefetch and a `multiple` ack per batch.
+async fn broker_ceiling(
+    connection: &Connection,
+    settings: &Settings,
+    prefix: &str,
+    mix: &[Outbound],
+) -> Result<f64, Failure> {
+    let ceiling = with_prefix(settings, prefix);
+    let channel = broker::confirm_channel(connection).await?;
+    let names = topology::declare(&channel, &ceiling.topology).await.map_err(Failure::from)?;
+
+    let received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = CancellationToken::new();
+    let mut consumers = Vec::new();
+    for index in 0..ceiling.topology.shards {
+        let channel = connection.create_channel().await?;
+        channel.basic_qos(ceiling.amqp.prefetch, BasicQosOptions::default()).await?;
+        let mut consumer = channel
+            .basic_consume(names.shard(index).as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await?;
+        let received = received.clone();
+        let stop = stop.clone();
+        let batch_max = ceiling.worker.batch_messages_max;
+        consumers.push(tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    () = stop.cancelled() => break,
+                    next = consumer.next() => next,
+                };
+                let Some(Ok(mut last)) = next else { break };
+                let mut count = 1;
+                while count < batch_max {
+                    match futures_util::FutureExt::now_or_never(consumer.next()) {
+                        Some(Some(Ok(delivery))) => {
+                            last = delivery;
+                            count += 1;
+                        }
+                        _ => break,
+                    }
+                }
+                let _ = last.acker.ack(BasicAckOptions { multiple: true }).await;
+                received.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+            }
+        }));
+    }
+
+    let started = Instant::now();
+    publish_all(&channel, &names.events, mix).await?;
+    let deadline = started + Duration::from_secs(600);
+    while received.load(std::sync::atomic::Ordering::Relaxed) < mix.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    stop.cancel();
+    for consumer in consumers {
+        let _ = consumer.await;
+    }
+    Ok(mix.len() as f64 / elapsed.as_secs_f64())
+}
+
+async fn fund(channel: &Channel, names: &Names, run_id: &str, users: usize) -> Result<(), Failure> {
+    let grants: Vec<Outbound> = (0..users.max(200))
+        .map(|index| {
+            let user = user_id(run_id, index);
+            let grant = CreditsGranted {
+                kind: Default::default(),
+                message_id: format!("{user}-grant"),
+                user_id: user.clone(),
+                amount: USER_CREDITS,
+                reason: Some("bench".to_owned()),
+                occurred_at: chrono::Utc::now(),
+            };
+            outbound(&user, &grant)
+        })
+        .collect();
+    publish_all(channel, &names.events, &grants).await
+}
+
+/// Publishes the mix to the worker and waits until every stream of it is
+/// settled. Returns messages per second and the elapsed time.
+async fn worker_throughput(
+    channel: &Channel,
+    names: &Names,
+    pool: &PgPool,
+    mix: &[Outbound],
+    streams: usize,
+) -> Result<(f64, Duration), Failure> {
+    let settled_before = settled_holds(pool).await?;
+    let started = Instant::now();
+    publish_all(channel, &names.events, mix).await?;
+    wait_until(pool, "SELECT count(*) FROM holds WHERE settled_at IS NOT NULL", settled_before + streams as i64).await?;
+    let elapsed = started.elapsed();
+    Ok((mix.len() as f64 / elapsed.as_secs_f64(), elapsed))
+}
+
+async fn settled_holds(pool: &PgPool) -> Result<i64, Failure> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM holds WHERE settled_at IS NOT NULL")
+        .fetch_one(pool)
+        .await?)
+}
+
+async fn wait_until(pool: &PgPool, count_query: &'static str, target: i64) -> Result<(), Failure> {
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        let count: i64 = sqlx::query_scalar(count_query).fetch_one(pool).await?;
+        if count >= target {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(anyhow::anyhow!("timed out waiting for the worker: {count} of {target}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn commits(pool: &PgPool) -> Result<i64, Failure> {
+    Ok(sqlx::query_scalar("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+        .fetch_one(pool)
+        .await?)
+}
+
+/// Round trip of a start to its grant at a fixed rate of starts.
+async fn grant_rtt(connection: &Connection, names: &Names, run_id: &str, args: &BenchArgs) -> Result<(f64, f64), Failure> {
+    let count = (args.grant_rate * args.grant_seconds) as usize;
+    let bodies: Vec<Outbound> = (0..count)
+        .map(|index| {
+            let user = user_id(run_id, index % 200);
+            let start = StreamStarted {
+                kind: Default::default(),
+                message_id: format!("bench-{run_id}-rtt-{index}"),
+                user_id: user.clone(),
+                stream_id: format!("bench-{run_id}-rtt-{index}"),
+                model: MODEL.to_owned(),
+                messages: None,
+                prompt: None,
+                prompt_tokens: Some(20),
+                max_output_tokens: Some(64),
+                occurred_at: chrono::Utc::now(),
+            };
+            outbound(&user, &start)
+        })
+        .collect();
+    timed_requests(connection, &names.events, &bodies, args.grant_rate).await
+}
+
+/// Round trip through the same broker to a responder that replies at once.
+async fn echo_rtt(connection: &Connection, args: &BenchArgs) -> Result<(f64, f64), Failure> {
+    let channel = connection.create_channel().await?;
+    let queue = channel
+        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, FieldTable::default())
+        .await?;
+    let mut requests = channel
+        .basic_consume(queue.name().clone(), "".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+        .await?;
+    let responder_channel = channel.clone();
+    let responder = tokio::spawn(async move {
+        while let Some(Ok(delivery)) = requests.next().await {
+            let Some(reply_to) = delivery.properties.reply_to().clone() else { continue };
+            let mut properties = BasicProperties::default();
+            if let Some(correlation_id) = delivery.properties.correlation_id().clone() {
+                properties = properties.with_correlation_id(correlation_id);
+            }
+            let _ = responder_channel
+                .basic_publish("".into(), reply_to, BasicPublishOptions::default(), &delivery.data, properties)
+                .await;
+        }
+    });
+    let count = (args.grant_rate * args.grant_seconds) as usize;
+    let bodies: Vec<Outbound> = (0..count)
+        .map(|_| Outbound { routing_key: queue.name().as_str().to_owned(), body: b"{}".to_vec() })
+        .collect();
+    let result = timed_requests(connection, "", &bodies, args.grant_rate).await;
+    responder.abort();
+    result
+}
+
+/// Publishes `bodies` at `rate` a second with direct reply-to and returns
+/// the p50 and p99 round trips in milliseconds.
+async fn timed_requests(connection: &Connection, exchange: &str, bodies: &[Outbound], rate: u32) -> Result<(f64, f64), Failure> {
+    let channel = connection.create_channel().await?;
+    let mut replies = channel
+        .basic_consume("amq.rabbitmq.reply-to".into(), "".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
+        .await?;
+    let sent: Arc<std::sync::Mutex<Vec<Option<Instant>>>> = Arc::new(std::sync::Mutex::new(vec![None; bodies.len()]));
+    let expected = bodies.len();
+    let collector_sent = sent.clone();
+    let collector = tokio::spawn(async move {
+        let mut rtts = Vec::with_capacity(expected);
+        while rtts.len() < expected {
+            let next = tokio::time::timeout(Duration::from_secs(30), replies.next()).await;
+            let Ok(Some(Ok(delivery))) = next else { break };
+            let index = delivery
+                .properties
+                .correlation_id()
+                .as_ref()
+                .and_then(|id| id.as_str().parse::<usize>().ok());
+            let sent_at = index.and_then(|index| collector_sent.lock().expect("lock").get(index).copied().flatten());
+            if let Some(sent_at) = sent_at {
+                rtts.push(sent_at.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        rtts
+    });
+
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for (index, message) in bodies.iter().enumerate() {
+        ticker.tick().await;
+        let properties = properties()
+            .with_reply_to("amq.rabbitmq.reply-to".into())
+            .with_correlation_id(index.to_string().as_str().into());
+        sent.lock().expect("lock")[index] = Some(Instant::now());
+        channel
+            .basic_publish(exchange.into(), message.routing_key.as_str().into(), BasicPublishOptions::default(), &message.body, properties)
+            .await?;
+    }
+    let mut rtts = collector.await.context("reply collector failed")?;
+    if rtts.len() < bodies.len() {
+        return Err(anyhow::anyhow!("only {} of {} replies arrived", rtts.len(), bodies.len()).into());
+    }
+    rtts.sort_by(f64::total_cmp);
+    Ok((percentile(&rtts, 0.50), percentile(&rtts, 0.99)))
+}
+
+fn percentile(sorted: &[f64], share: f64) -> f64 {
+    let index = ((sorted.len() as f64 - 1.0) * share).round() as usize;
+    sorted.get(index).copied().unwrap_or(f64::NAN)
+}
+
+/// Holds placed per second at saturation: starts published as fast as the
+/// broker takes them, timed until every hold exists.
+async fn reservation_rate(channel: &Channel, names: &Names, pool: &PgPool, run_id: &str, args: &BenchArgs) -> Result<f64, Failure> {
+    let starts = start_messages(run_id, "r", args.reservations);
+    let before: i64 = sqlx::query_scalar("SELECT count(*) FROM holds").fetch_one(pool).await?;
+    let started = Instant::now();
+    publish_all(channel, &names.events, &starts).await?;
+    wait_until(pool, "SELECT count(*) FROM holds", before + args.reservations as i64).await?;
+    Ok(args.reservations as f64 / started.elapsed().as_secs_f64())
+}
+
+fn start_messages(run_id: &str, tag: &str, count: usize) -> Vec<Outbound> {
+    (0..count)
+        .map(|index| {
+            let user = user_id(run_id, index % 200);
+            let start = StreamStarted {
+                kind: Default::default(),
+                message_id: format!("bench-{run_id}-{tag}-{index}"),
+                user_id: user.clone(),
+                stream_id: format!("bench-{run_id}-{tag}-{index}"),
+                model: MODEL.to_owned(),
+                messages: None,
+                prompt: None,
+                prompt_tokens: Some(20),
+                max_output_tokens: Some(64),
+                occurred_at: chrono::Utc::now(),
+            };
+            outbound(&user, &start)
+        })
+        .collect()
+}
+
+/// pgbench running the same dedupe insert, guarded update and hold insert
+/// as one transaction, with as many connections as the worker's pool.
+async fn pgbench(settings: &Settings, pool: &PgPool) -> Result<f64, Failure> {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS pgbench_accounts_copy AS SELECT user_id, balance, reserved, holds_open \
+         FROM accounts WHERE user_id LIKE 'bench-%'",
+    )
+    .execute(pool)
+    .await?;
+    let script = std::env::temp_dir().join(format!("stream-credits-pgbench-{}.sql", std::process::id()));
+    std::fs::write(
+        &script,
+        "\\set u random(0, 199)\n\
+         BEGIN;\n\
+         INSERT INTO processed_messages (user_id, message_id, kind) VALUES ('pgbench', gen_random_uuid()::text, 'stream.started');\n\
+         UPDATE pgbench_accounts_copy SET reserved = reserved + 10, holds_open = holds_open + 1 \
+         WHERE user_id = 'bench-' || :u AND balance - reserved >= 10;\n\
+         INSERT INTO outbox (event_id, destination, routing_key, event_type, body) \
+         VALUES (gen_random_uuid(), 'event', 'pgbench', 'pgbench', '{}');\n\
+         COMMIT;\n",
+    )?;
+    // The benchmark users are named bench-<run>-u<i>; pgbench addresses
+    // them through a copy table keyed bench-<i>.
+    sqlx::query("UPDATE pgbench_accounts_copy SET user_id = 'bench-' || split_part(user_id, '-u', 2)")
+        .execute(pool)
+        .await?;
+    let url = url::Url::parse(settings.database.url.expose()).map_err(Failure::usage)?;
+    let clients = settings.database.max_connections.to_string();
+    let output = tokio::process::Command::new("pgbench")
+        .args(["-n", "-T", "10", "-c", &clients, "-j", "2", "-f"])
+        .arg(&script)
+        .args(["-h", url.host_str().unwrap_or("127.0.0.1")])
+        .args(["-p", &url.port().unwrap_or(5432).to_string()])
+        .args(["-U", if url.username().is_empty() { "root" } else { url.username() }])
+        .arg(url.path().trim_start_matches('/'))
+        .env("PGPASSWORD", url.password().unwrap_or_default())
+        .output()
+        .await
+        .context("cannot run pgbench; install PostgreSQL's client tools")?;
+    let _ = std::fs::remove_file(&script);
+    let text = String::from_utf8_lossy(&output.stdout);
+    let tps = text
+        .lines()
+        .find(|line| line.starts_with("tps ="))
+        .and_then(|line| line.split_whitespace().nth(2))
+        .and_then(|value| value.parse::<f64>().ok())
+        .with_context(|| format!("pgbench printed no tps: {}", String::from_utf8_lossy(&output.stderr)))?;
+    Ok(tps)
+}
+
+/// Resident memory this process (which runs the worker) gains per open
+/// stream with many holds open at once.
+async fn memory_per_open_stream(channel: &Channel, names: &Names, pool: &PgPool, run_id: &str, args: &BenchArgs) -> Result<f64, Failure> {
+    let open_before: i64 = sqlx::query_scalar("SELECT count(*) FROM holds WHERE settled_at IS NULL").fetch_one(pool).await?;
+    let rss_before = resident_bytes();
+    let starts = start_messages(run_id, "open", args.open_streams);
+    publish_all(channel, &names.events, &starts).await?;
+    drop(starts);
+    wait_until(
+        pool,
+        "SELECT count(*) FROM holds WHERE settled_at IS NULL",
+        open_before + args.open_streams as i64,
+    )
+    .await?;
+    let rss_after = resident_bytes();
+    Ok(rss_after.saturating_sub(rss_before) as f64 / args.open_streams.max(1) as f64)
+}
+
+/// Resident set size from /proc; 0 where /proc is missing.
+fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|line| line.starts_with("VmRSS:"))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+fn draw_plot(path: &std::path::Path, curve: &[(usize, f64)]) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let root = SVGBackend::new(path, (640, 400)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let rate_max = curve.iter().map(|(_, rate)| *rate).fold(1.0, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("worker throughput against concurrent streams", ("sans-serif", 18))
+        .margin(16)
+        .x_label_area_size(36)
+        .y_label_area_size(64)
+        .build_cartesian_2d((1f64..300f64).log_scale(), 0f64..rate_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("concurrent streams")
+        .y_desc("messages per second")
+        .draw()?;
+    let points: Vec<(f64, f64)> = curve.iter().map(|(streams, rate)| (*streams as f64, *rate)).collect();
+    chart.draw_series(LineSeries::new(points.clone(), &BLUE))?;
+    chart.draw_series(points.into_iter().map(|point| Circle::new(point, 4, BLUE.filled())))?;
+    root.present()?;
+    Ok(())
+}
+
+async fn cleanup(connection: &Connection, settings: &Settings, prefixes: &[&str]) {
+    let Ok(channel) = connection.create_channel().await else { return };
+    for prefix in prefixes {
+        let names = Names::new(prefix);
+        let mut queues: Vec<String> = (0..settings.topology.shards).map(|index| names.shard(index)).collect();
+        queues.push(names.dead.clone());
+        for queue in queues {
+            let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+        }
+        for exchange in [&names.events, &names.dlx, &names.results] {
+            let _ = channel.exchange_delete(exchange.as_str().into(), Default::default()).await;
+        }
+    }
+}
+
+async fn drop_database(settings: &Settings) {
+    let Ok(mut url) = url::Url::parse(settings.database.url.expose()) else { return };
+    let name = url.path().trim_start_matches('/').to_owned();
+    url.set_path("postgres");
+    if let Ok(pool) = PgPool::connect(url.as_str()).await {
+        let statement = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+        let _ = sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&pool).await;
+    }
+}
+
+fn print_figures(figures: &Figures, curve: &[(usize, f64)], args: &BenchArgs) {
+    let mut table = comfy_table::Table::new();
+    table.set_header(["figure", "value", "goal"]);
+    let rows = [
+        ("broker ceiling, messages/s", format!("{:.0}", figures.broker_messages_per_second), String::new()),
+        ("worker, messages/s", format!("{:.0}", figures.worker_messages_per_second), String::new()),
+        ("worker / ceiling", format!("{:.3}", figures.chunk_throughput_ratio), "≥ 0.90".to_owned()),
+        ("grant round trip p50, ms", format!("{:.2}", figures.grant_rtt_p50_ms), format!("≤ 1.5 × echo ({:.2})", 1.5 * figures.echo_rtt_p50_ms)),
+        ("grant round trip p99, ms", format!("{:.2}", figures.grant_rtt_p99_ms), format!("≤ 10 at {} starts/s", args.grant_rate)),
+        ("echo round trip p50 / p99, ms", format!("{:.2} / {:.2}", figures.echo_rtt_p50_ms, figures.echo_rtt_p99_ms), String::new()),
+        ("database transactions per chunk", format!("{:.4}", figures.db_transactions_per_chunk), "≤ 0.05".to_owned()),
+        ("reservations/s at saturation", format!("{:.0}", figures.reservations_per_second), format!("≥ pgbench ({:.0})", figures.pgbench_tps)),
+        ("pgbench tps, same transaction", format!("{:.0}", figures.pgbench_tps), String::new()),
+        ("resident bytes per open stream", format!("{:.0}", figures.bytes_per_open_stream), "≤ 1024".to_owned()),
+        ("token counting, ns per chunk", format!("{:.0}", figures.token_count_ns_per_chunk), "≤ 5000".to_owned()),
+    ];
+    for (name, value, goal) in rows {
+        table.add_row([name.to_owned(), value, goal]);
+    }
+    println!("{table}");
+    for (streams, rate) in curve {
+        println!("{streams:>4} concurrent streams: {rate:.0} messages/s");
+    }
+    println!("plot: {}", args.plot.display());
+    let json = serde_json::json!({
+        "chunk_throughput_ratio": figures.chunk_throughput_ratio,
+        "grant_rtt_p50_ms": figures.grant_rtt_p50_ms,
+        "grant_rtt_p99_ms": figures.grant_rtt_p99_ms,
+        "echo_rtt_p50_ms": figures.echo_rtt_p50_ms,
+        "db_transactions_per_chunk": figures.db_transactions_per_chunk,
+        "reservations_per_second": figures.reservations_per_second,
+        "pgbench_tps": figures.pgbench_tps,
+        "bytes_per_open_stream": figures.bytes_per_open_stream,
+        "token_count_ns_per_chunk": figures.token_count_ns_per_chunk,
+    });
+    println!("{json}");
+}
