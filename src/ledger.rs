@@ -4,6 +4,7 @@
 //! owns, together with its processed-message row and the replies and
 //! events it causes (the outbox). Nothing here publishes or commits.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -257,47 +258,75 @@ impl Ledger {
         message: &Inbound,
         reply_to: &ReplyTo,
     ) -> Result<Applied, LedgerError> {
-        let user_id = message.user_id();
-        let message_id = message.message_id();
+        let mut applied = self.apply_batch(conn, &[(message, reply_to)]).await?;
+        Ok(applied.pop().expect("one result per message"))
+    }
 
-        // A message id seen before changes nothing; a repeated start gets
-        // its stored reply again.
-        let seen: Option<Option<serde_json::Value>> =
-            sqlx::query_scalar("SELECT reply FROM processed_messages WHERE user_id = $1 AND message_id = $2")
-                .bind(user_id)
-                .bind(message_id)
-                .fetch_optional(&mut *conn)
-                .await?;
-        if let Some(reply) = seen {
-            let mut applied = Applied::new(Outcome::Duplicate);
-            if let Some(reply) = reply {
-                applied.outgoing.extend(resend_reply(reply, reply_to));
+    /// Applies messages in order inside the caller's transaction and
+    /// returns one result per message.
+    ///
+    /// Chunks are counted in memory and written once per stream: one
+    /// update covers every stream's new counts and one insert records
+    /// every processed id, so a batch costs a few statements per stream
+    /// rather than several per chunk. A stream's counts are written before
+    /// any other message of that stream is applied.
+    pub async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        messages: &[(&Inbound, &ReplyTo)],
+    ) -> Result<Vec<Applied>, LedgerError> {
+        let mut batch = BatchState {
+            known: processed_replies(conn, messages).await?,
+            ..BatchState::default()
+        };
+        let mut results = Vec::with_capacity(messages.len());
+        for (message, reply_to) in messages {
+            let key = (message.user_id().to_owned(), message.message_id().to_owned());
+
+            // A message id seen before changes nothing; a repeated start
+            // gets its stored reply again.
+            if let Some(reply) = batch.known.get(&key) {
+                let mut applied = Applied::new(Outcome::Duplicate);
+                if let Some(reply) = reply.clone() {
+                    applied.outgoing.extend(resend_reply(reply, reply_to));
+                }
+                results.push(applied);
+                continue;
             }
-            return Ok(applied);
-        }
 
-        let (applied, stored_reply) = match message {
+            let (applied, stored_reply) = match message {
+                Inbound::ChunkEmitted(chunk) => (self.count_chunk(conn, &mut batch, chunk).await?, None),
+                other => {
+                    if let Some(stream_id) = other.stream_id() {
+                        batch.flush_stream(conn, other.user_id(), stream_id).await?;
+                    }
+                    self.apply_unbatched(conn, other, reply_to).await?
+                }
+            };
+
+            // Only an applied message is recorded, so a dead letter
+            // replayed later is applied then.
+            if applied.outcome == Outcome::Applied {
+                batch.record(key, message.type_name(), stored_reply);
+            }
+            results.push(applied);
+        }
+        batch.flush(conn).await?;
+        Ok(results)
+    }
+
+    async fn apply_unbatched(
+        &self,
+        conn: &mut PgConnection,
+        message: &Inbound,
+        reply_to: &ReplyTo,
+    ) -> Result<(Applied, Option<serde_json::Value>), LedgerError> {
+        Ok(match message {
             Inbound::CreditsGranted(grant) => (self.grant(conn, grant).await?, None),
             Inbound::StreamStarted(start) => self.start(conn, start, reply_to).await?,
-            Inbound::ChunkEmitted(chunk) => (self.chunk(conn, chunk).await?, None),
             Inbound::StreamEnded(end) => (self.end(conn, end).await?, None),
-        };
-
-        // Only an applied message is recorded, so a dead letter replayed
-        // later is applied then.
-        if applied.outcome == Outcome::Applied {
-            sqlx::query(
-                "INSERT INTO processed_messages (user_id, message_id, kind, reply) \
-                 VALUES ($1, $2, $3, $4)",
-            )
-            .bind(user_id)
-            .bind(message_id)
-            .bind(message.type_name())
-            .bind(stored_reply)
-            .execute(&mut *conn)
-            .await?;
-        }
-        Ok(applied)
+            Inbound::ChunkEmitted(_) => unreachable!("chunks are counted by the batch"),
+        })
     }
 
     async fn grant(
@@ -529,18 +558,34 @@ impl Ledger {
         Ok((applied, Some(body)))
     }
 
-    async fn chunk(
+    /// Counts one chunk against its stream's pending counts, loading and
+    /// locking the hold on the stream's first chunk in the batch.
+    async fn count_chunk(
         &self,
         conn: &mut PgConnection,
+        batch: &mut BatchState,
         chunk: &ChunkEmitted,
     ) -> Result<Applied, LedgerError> {
-        let Some(hold) = lock_hold(conn, &chunk.user_id, &chunk.stream_id).await? else {
-            return Ok(Applied::new(Outcome::DeadLetter(unknown_stream())));
-        };
-        if hold.settle_status.is_some() {
+        let stream_key = (chunk.user_id.clone(), chunk.stream_id.clone());
+        if !batch.pending.contains_key(&stream_key) {
+            let Some(hold) = lock_hold(conn, &chunk.user_id, &chunk.stream_id).await? else {
+                return Ok(Applied::new(Outcome::DeadLetter(unknown_stream())));
+            };
+            let counted = hold.counted_completion_tokens;
+            let pending = PendingCounts {
+                hold,
+                counted_completion_tokens: counted,
+                chunks: 0,
+                signalled: false,
+            };
+            batch.pending.insert(stream_key.clone(), pending);
+        }
+        let pending = batch.pending.get_mut(&stream_key).expect("inserted above");
+        if pending.hold.settle_status.is_some() {
             return Ok(Applied::new(Outcome::Dropped(DropReason::ChunkAfterSettlement)));
         }
 
+        let hold = &pending.hold;
         let tokens = match chunk.tokens {
             Some(tokens) => tokens,
             None => {
@@ -549,20 +594,12 @@ impl Ledger {
                 tokens::count_text(bpe, &chunk.delta)
             }
         };
-        let counted = hold.counted_completion_tokens + tokens;
+        let counted = pending.counted_completion_tokens + tokens;
         let cost_so_far = cost_or_max(&hold.price, hold.prompt_tokens, counted);
-        let signal = !hold.over_signalled && cost_so_far > hold.reserved;
-
-        sqlx::query(
-            "UPDATE holds SET counted_completion_tokens = $2, chunks = chunks + 1, \
-             over_signalled = over_signalled OR $3, last_event_at = now() \
-             WHERE reservation_id = $1",
-        )
-        .bind(hold.reservation_id)
-        .bind(to_i64(counted))
-        .bind(signal)
-        .execute(&mut *conn)
-        .await?;
+        let signal = !hold.over_signalled && !pending.signalled && cost_so_far > hold.reserved;
+        pending.counted_completion_tokens = counted;
+        pending.chunks += 1;
+        pending.signalled |= signal;
 
         let mut applied = Applied::new(Outcome::Applied);
         if signal {
@@ -578,11 +615,12 @@ impl Ledger {
                 counted_completion_tokens: counted,
             };
             let body = serde_json::to_value(&event).expect("events serialize");
+            let reservation_id = hold.reservation_id;
             applied.outgoing = enqueue(
                 conn,
                 event.event_id,
                 "usage.over_reservation",
-                Some(hold.reservation_id),
+                Some(reservation_id),
                 &body,
                 &ReplyTo::default(),
             )
@@ -802,6 +840,126 @@ impl Ledger {
         }
         Ok(outgoing)
     }
+}
+
+/// Chunk counts of one stream that the batch has not written yet.
+struct PendingCounts {
+    hold: Hold,
+    counted_completion_tokens: u64,
+    chunks: u64,
+    signalled: bool,
+}
+
+/// What a batch has applied but not yet written.
+#[derive(Default)]
+struct BatchState {
+    /// Processed ids of the batch's messages, with a start's stored reply;
+    /// grows as the batch applies messages.
+    known: HashMap<(String, String), Option<serde_json::Value>>,
+    /// Counts by (user, stream).
+    pending: HashMap<(String, String), PendingCounts>,
+    /// Processed-message rows to insert: user, message id, type, reply.
+    processed: Vec<(String, String, &'static str, Option<serde_json::Value>)>,
+}
+
+impl BatchState {
+    fn record(&mut self, key: (String, String), kind: &'static str, reply: Option<serde_json::Value>) {
+        self.processed.push((key.0.clone(), key.1.clone(), kind, reply.clone()));
+        self.known.insert(key, reply);
+    }
+
+    /// Writes one stream's pending counts, so that a message that reads
+    /// the hold sees every chunk before it.
+    async fn flush_stream(
+        &mut self,
+        conn: &mut PgConnection,
+        user_id: &str,
+        stream_id: &str,
+    ) -> Result<(), LedgerError> {
+        let key = (user_id.to_owned(), stream_id.to_owned());
+        if let Some(pending) = self.pending.remove(&key) {
+            write_counts(conn, &[pending]).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes every pending count and processed id.
+    async fn flush(mut self, conn: &mut PgConnection) -> Result<(), LedgerError> {
+        let pending: Vec<PendingCounts> = self.pending.drain().map(|(_, counts)| counts).collect();
+        write_counts(conn, &pending).await?;
+        if self.processed.is_empty() {
+            return Ok(());
+        }
+        let mut users = Vec::with_capacity(self.processed.len());
+        let mut ids = Vec::with_capacity(self.processed.len());
+        let mut kinds = Vec::with_capacity(self.processed.len());
+        let mut replies = Vec::with_capacity(self.processed.len());
+        for (user_id, message_id, kind, reply) in self.processed {
+            users.push(user_id);
+            ids.push(message_id);
+            kinds.push(kind);
+            replies.push(reply);
+        }
+        sqlx::query(
+            "INSERT INTO processed_messages (user_id, message_id, kind, reply) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])",
+        )
+        .bind(users)
+        .bind(ids)
+        .bind(kinds)
+        .bind(replies)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Writes the new counts of several streams in one statement.
+async fn write_counts(conn: &mut PgConnection, pending: &[PendingCounts]) -> Result<(), LedgerError> {
+    let written: Vec<&PendingCounts> = pending.iter().filter(|counts| counts.chunks > 0).collect();
+    if written.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = written.iter().map(|counts| counts.hold.reservation_id).collect();
+    let counted: Vec<i64> = written.iter().map(|counts| to_i64(counts.counted_completion_tokens)).collect();
+    let chunks: Vec<i64> = written.iter().map(|counts| to_i64(counts.chunks)).collect();
+    let signalled: Vec<bool> = written.iter().map(|counts| counts.signalled).collect();
+    sqlx::query(
+        "UPDATE holds h SET counted_completion_tokens = v.counted, chunks = h.chunks + v.chunks, \
+         over_signalled = h.over_signalled OR v.signalled, last_event_at = now() \
+         FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bool[]) \
+         AS v(reservation_id, counted, chunks, signalled) \
+         WHERE h.reservation_id = v.reservation_id",
+    )
+    .bind(ids)
+    .bind(counted)
+    .bind(chunks)
+    .bind(signalled)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Looks up which messages were processed before, with a start's reply.
+async fn processed_replies(
+    conn: &mut PgConnection,
+    messages: &[(&Inbound, &ReplyTo)],
+) -> Result<HashMap<(String, String), Option<serde_json::Value>>, LedgerError> {
+    let users: Vec<&str> = messages.iter().map(|(message, _)| message.user_id()).collect();
+    let ids: Vec<&str> = messages.iter().map(|(message, _)| message.message_id()).collect();
+    let rows: Vec<(String, String, Option<serde_json::Value>)> = sqlx::query_as(
+        "SELECT p.user_id, p.message_id, p.reply FROM processed_messages p \
+         JOIN unnest($1::text[], $2::text[]) AS k(user_id, message_id) \
+         ON p.user_id = k.user_id AND p.message_id = k.message_id",
+    )
+    .bind(users)
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(user_id, message_id, reply)| ((user_id, message_id), reply))
+        .collect())
 }
 
 fn count_prompt(price: &ModelPrice, start: &StreamStarted) -> u64 {

@@ -411,16 +411,26 @@ impl Shard {
     }
 
     async fn apply_batch(&self, items: &[Item]) -> Result<Vec<Option<Applied>>, LedgerError> {
+        let valid: Vec<(&Inbound, &ReplyTo)> = items
+            .iter()
+            .filter_map(|item| item.message.as_ref().ok().map(|message| (message, &item.reply_to)))
+            .collect();
+        let span = info_span!("batch", queue = %self.queue, messages = valid.len());
         let mut tx = self.worker.pool.begin().await?;
-        let mut results = Vec::with_capacity(items.len());
-        for item in items {
-            let applied = match &item.message {
-                Ok(message) => Some(self.apply_traced(&mut tx, message, &item.reply_to).await?),
-                Err(_) => None,
-            };
-            results.push(applied);
-        }
+        let mut applied = self
+            .worker
+            .ledger
+            .apply_batch(&mut tx, &valid)
+            .instrument(span)
+            .await?
+            .into_iter();
         tx.commit().await?;
+
+        // Invalid deliveries have no result; the rest take theirs in order.
+        let results = items
+            .iter()
+            .map(|item| item.message.as_ref().ok().and_then(|_| applied.next()))
+            .collect();
         Ok(results)
     }
 
