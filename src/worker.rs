@@ -81,9 +81,11 @@ impl From<lapin::Error> for SessionError {
 }
 
 fn backoff() -> ExponentialBuilder {
+    // backon 1.6's jitter adds up to the whole current delay on top of it,
+    // so the delay before jitter is capped at half the maximum pause.
     ExponentialBuilder::default()
         .with_min_delay(RETRY_DELAY_MIN)
-        .with_max_delay(RETRY_DELAY_MAX)
+        .with_max_delay(RETRY_DELAY_MAX / 2)
         .with_jitter()
         .without_max_times()
 }
@@ -230,31 +232,28 @@ impl Worker {
         tasks: &mut JoinSet<Result<(), SessionError>>,
         session_stop: &CancellationToken,
     ) -> Result<(), SessionError> {
-        loop {
-            tokio::select! {
-                () = self.shutdown.cancelled() => {
-                    info!("shutdown requested, draining");
-                    return Ok(());
-                }
-                joined = tasks.join_next() => {
-                    let result = match joined {
-                        Some(Ok(result)) => result,
-                        Some(Err(join_error)) => Err(SessionError::Lost(join_error.to_string())),
-                        None => Err(SessionError::Lost("every consumer stopped".to_owned())),
-                    };
-                    if self.shutdown.is_cancelled() {
-                        return Ok(());
-                    }
-                    session_stop.cancel();
-                    return match result {
-                        Ok(()) => Err(SessionError::Lost(format!(
-                            "a consumer stopped (connection connected: {})",
-                            connection.status().connected()
-                        ))),
-                        Err(error) => Err(error),
-                    };
-                }
+        let joined = tokio::select! {
+            () = self.shutdown.cancelled() => {
+                info!("shutdown requested, draining");
+                return Ok(());
             }
+            joined = tasks.join_next() => joined,
+        };
+        let result = match joined {
+            Some(Ok(result)) => result,
+            Some(Err(join_error)) => Err(SessionError::Lost(join_error.to_string())),
+            None => Err(SessionError::Lost("every consumer stopped".to_owned())),
+        };
+        if self.shutdown.is_cancelled() {
+            return Ok(());
+        }
+        session_stop.cancel();
+        match result {
+            Ok(()) => Err(SessionError::Lost(format!(
+                "a consumer stopped (connection connected: {})",
+                connection.status().connected()
+            ))),
+            Err(error) => Err(error),
         }
     }
 }
@@ -723,5 +722,20 @@ impl Maintenance {
             Err(error) => warn!(%error, "cannot mark relayed rows; they will be sent again"),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backon::BackoffBuilder;
+
+    #[test]
+    fn retry_pause_stays_below_maximum() {
+        let delays: Vec<Duration> = backoff().build().take(200).collect();
+        assert_eq!(delays.len(), 200);
+        for delay in delays {
+            assert!(delay <= RETRY_DELAY_MAX, "{delay:?}");
+        }
     }
 }
