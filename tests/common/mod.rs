@@ -67,6 +67,35 @@ const START_POSTGRES: &str =
 const START_RABBITMQ: &str = "rabbitmq-server -detached, then \
      rabbitmq-plugins enable rabbitmq_consistent_hash_exchange";
 
+/// Plan table and trigger function behind [`Harness::install_fault`].
+/// `to_jsonb(NEW) ->> TG_ARGV[0]` reads the trigger's key column by name,
+/// so one function serves every table.
+const FAULT_FUNCTION: &str = "
+CREATE TABLE IF NOT EXISTS test_fault_plan (
+    key      text PRIMARY KEY,
+    sqlstate text NOT NULL,
+    failures bigint,
+    counter  regclass NOT NULL
+);
+CREATE OR REPLACE FUNCTION test_fault() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    plan test_fault_plan%ROWTYPE;
+    attempt bigint;
+BEGIN
+    SELECT * INTO plan FROM test_fault_plan WHERE key = to_jsonb(NEW) ->> TG_ARGV[0];
+    IF NOT FOUND THEN
+        RETURN NEW;
+    END IF;
+    attempt := nextval(plan.counter);
+    IF plan.failures IS NULL OR attempt <= plan.failures THEN
+        RAISE EXCEPTION 'injected failure % for key %', attempt, plan.key
+            USING ERRCODE = plan.sqlstate;
+    END IF;
+    RETURN NEW;
+END
+$$;
+";
+
 /// URL of the PostgreSQL database `name` on the local server.
 pub fn database_url(name: &str) -> String {
     format!("postgres://{POSTGRES_ADDRESS}/{name}")
@@ -135,6 +164,27 @@ pub struct DeadLetter {
     pub detail: Option<String>,
     pub routing_key: Option<String>,
     pub dead_letter_id: Option<String>,
+    /// Every AMQP property, headers included, to publish an exact copy.
+    pub properties: BasicProperties,
+}
+
+impl DeadLetter {
+    fn from_delivery(delivery: &lapin::message::Delivery) -> Self {
+        let properties = &delivery.properties;
+        let headers = properties.headers().as_ref();
+        Self {
+            body: delivery.data.clone(),
+            message_id: properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.as_str().to_owned()),
+            error: broker::header_text(headers, HEADER_ERROR),
+            detail: broker::header_text(headers, HEADER_DETAIL),
+            routing_key: broker::header_text(headers, HEADER_ROUTING_KEY),
+            dead_letter_id: broker::header_text(headers, HEADER_DEAD_LETTER_ID),
+            properties: properties.clone(),
+        }
+    }
 }
 
 /// One message to publish to the events exchange.
@@ -520,6 +570,9 @@ impl Harness {
     /// changes no balance, and waits for its denial: one user's messages
     /// share a shard queue and are applied, dead-lettered and replied to
     /// in order.
+    ///
+    /// NOTE: a message returned to its queue with a nack is applied after
+    /// the barrier when both were in the same batch.
     pub async fn barrier(&self, user_id: &str) {
         let id = format!("barrier-{}", Uuid::new_v4());
         let body = start(user_id, &id, &id, "no-such-model", 1, 1);
@@ -543,20 +596,232 @@ impl Harness {
             let Some(message) = message else {
                 return letters;
             };
-            let properties = &message.delivery.properties;
-            let headers = properties.headers().as_ref();
-            letters.push(DeadLetter {
-                body: message.delivery.data.clone(),
-                message_id: properties
-                    .message_id()
-                    .as_ref()
-                    .map(|id| id.as_str().to_owned()),
-                error: broker::header_text(headers, HEADER_ERROR),
-                detail: broker::header_text(headers, HEADER_DETAIL),
-                routing_key: broker::header_text(headers, HEADER_ROUTING_KEY),
-                dead_letter_id: broker::header_text(headers, HEADER_DEAD_LETTER_ID),
-            });
+            letters.push(DeadLetter::from_delivery(&message.delivery));
         }
+    }
+
+    /// Reads every message now in the dead-letter queue without removing
+    /// any. They are read unacknowledged on a channel of their own, and
+    /// closing it returns them to the queue.
+    pub async fn peek_dead_letters(&self) -> Vec<DeadLetter> {
+        let channel = self
+            .broker()
+            .connection
+            .create_channel()
+            .await
+            .expect("open a channel");
+        let mut letters = Vec::new();
+        while let Some(message) = channel
+            .basic_get(
+                self.names.dead.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await
+            .expect("read the dead-letter queue")
+        {
+            letters.push(DeadLetter::from_delivery(&message.delivery));
+        }
+        let closing = channel.close(200, "dead letters read".into());
+        let closed = tokio::time::timeout(Duration::from_secs(5), closing).await;
+        assert!(
+            matches!(closed, Ok(Ok(()))),
+            "closing the channel that read the dead letters failed: {closed:?}"
+        );
+        letters
+    }
+
+    /// Publishes an exact copy of `letter`, body and properties, to the
+    /// dead-letter exchange, as a replay interrupted before its removal
+    /// would leave it.
+    pub async fn publish_dead_letter_copy(&self, letter: &DeadLetter) {
+        let routing_key = letter.routing_key.clone().unwrap_or_default();
+        let confirm = self
+            .broker()
+            .channel
+            .basic_publish(
+                self.names.dlx.as_str().into(),
+                routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                &letter.body,
+                letter.properties.clone(),
+            )
+            .await
+            .expect("publish to the dead-letter exchange");
+        let confirmation = confirm.await.expect("await a publisher confirm");
+        assert!(
+            matches!(confirmation, Confirmation::Ack(_)),
+            "RabbitMQ did not confirm the dead-letter copy: {confirmation:?}"
+        );
+    }
+
+    /// Returns the number of ready messages in the dead-letter queue.
+    pub async fn dead_letter_count(&self) -> u32 {
+        let channel = self
+            .broker()
+            .connection
+            .create_channel()
+            .await
+            .expect("open a channel");
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let queue = channel
+            .queue_declare(
+                self.names.dead.as_str().into(),
+                passive,
+                FieldTable::default(),
+            )
+            .await
+            .expect("look up the dead-letter queue");
+        let _ = channel.close(200, "counted".into()).await;
+        queue.message_count()
+    }
+
+    /// Waits until the dead-letter queue contains `expected` ready messages.
+    /// Letters a command held unacknowledged come back to the queue a
+    /// moment after its channel closes, so a single look can be early.
+    pub async fn wait_dead_letter_count(&self, expected: u32) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let count = self.dead_letter_count().await;
+            if count == expected {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the dead-letter queue holds {count} messages, expected {expected} within {WAIT:?}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Environment that points the binary at this test's database, broker
+    /// topology and delivery limit. The shard count and delivery limit
+    /// must match, because the binary declares the topology too and
+    /// RabbitMQ rejects a redeclare with other queue arguments.
+    pub fn cli_env(&self) -> Vec<(String, String)> {
+        let topology = &self.settings.topology;
+        vec![
+            (
+                "STREAM_CREDITS__DATABASE__URL".to_owned(),
+                database_url(&self.database_name),
+            ),
+            ("STREAM_CREDITS__AMQP__URL".to_owned(), AMQP_URL.to_owned()),
+            (
+                "STREAM_CREDITS__TOPOLOGY__PREFIX".to_owned(),
+                topology.prefix.clone(),
+            ),
+            (
+                "STREAM_CREDITS__TOPOLOGY__SHARDS".to_owned(),
+                topology.shards.to_string(),
+            ),
+            (
+                "STREAM_CREDITS__TOPOLOGY__DELIVERY_LIMIT".to_owned(),
+                topology.delivery_limit.to_string(),
+            ),
+        ]
+    }
+
+    /// Runs the built binary with `args` against this test's database and
+    /// topology.
+    pub async fn run_cli(&self, args: &[&str]) -> std::process::Output {
+        let env = self.cli_env();
+        let env: Vec<(&str, &str)> = env
+            .iter()
+            .map(|(key, value)| (key.as_str(), value.as_str()))
+            .collect();
+        run_binary(args, &env).await
+    }
+
+    /// Fetches the worker's `/metrics` page. The test must have set
+    /// `http.listen`, for example to [`free_local_address`].
+    pub async fn metrics(&self) -> String {
+        let address = self.settings.http.listen.clone();
+        assert!(
+            !address.is_empty(),
+            "the harness turns the HTTP endpoint off; set http.listen in the test's settings"
+        );
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match http_get(&address, "/metrics").await {
+                Ok((200, body)) => return body,
+                Ok((status, body)) => panic!("GET /metrics returned {status}: {body}"),
+                Err(error) => assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "GET http://{address}/metrics failed for {WAIT:?}: {error}"
+                ),
+            }
+            tokio::time::sleep(POLL * 4).await;
+        }
+    }
+
+    /// Makes inserts into `table` fail as planned with [`Self::plan_failures`].
+    /// The trigger matches the plan's key against the inserted row's
+    /// `column`. Attempts are counted with a sequence, which a rolled-back
+    /// transaction does not undo, so a planned number of failures stays
+    /// planned across the worker's retries.
+    pub async fn install_fault(&self, table: &str, column: &str) {
+        sqlx::raw_sql(FAULT_FUNCTION)
+            .execute(&self.pool)
+            .await
+            .expect("create the fault-injection function");
+        let statement = format!(
+            "CREATE TRIGGER test_fault BEFORE INSERT ON {table} FOR EACH ROW \
+             EXECUTE FUNCTION test_fault('{column}')"
+        );
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&self.pool)
+            .await
+            .unwrap_or_else(|error| panic!("create the fault trigger on {table}: {error}"));
+    }
+
+    /// Plans failures for inserted rows whose trigger column is `key`: the
+    /// first `failures` attempts raise an error with `sqlstate`, or every
+    /// attempt when `failures` is `None`.
+    pub async fn plan_failures(&self, key: &str, sqlstate: &str, failures: Option<i64>) {
+        let ordinal: i64 = sqlx::query_scalar("SELECT count(*) + 1 FROM test_fault_plan")
+            .fetch_one(&self.pool)
+            .await
+            .expect("count the planned faults");
+        let counter = format!("test_fault_attempts_{ordinal}");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SEQUENCE {counter}")))
+            .execute(&self.pool)
+            .await
+            .expect("create the attempt counter");
+        sqlx::query(
+            "INSERT INTO test_fault_plan (key, sqlstate, failures, counter) \
+             VALUES ($1, $2, $3, $4::regclass)",
+        )
+        .bind(key)
+        .bind(sqlstate)
+        .bind(failures)
+        .bind(&counter)
+        .execute(&self.pool)
+        .await
+        .expect("store the fault plan");
+    }
+
+    /// Returns how many inserts of rows with `key` were attempted, failed
+    /// ones included.
+    pub async fn fault_attempts(&self, key: &str) -> i64 {
+        sqlx::query_scalar(
+            "SELECT coalesce(pg_sequence_last_value(counter), 0) FROM test_fault_plan \
+             WHERE key = $1",
+        )
+        .bind(key)
+        .fetch_one(&self.pool)
+        .await
+        .expect("read the attempt counter")
+    }
+
+    /// Cancels the planned failures for `key`, so later attempts succeed.
+    pub async fn clear_failures(&self, key: &str) {
+        sqlx::query("UPDATE test_fault_plan SET failures = 0 WHERE key = $1")
+            .bind(key)
+            .execute(&self.pool)
+            .await
+            .expect("clear the fault plan");
     }
 
     /// Reads an account and panics when the user has none.
@@ -767,6 +1032,62 @@ pub async fn amqp_connect() -> Connection {
         .unwrap_or_else(|error| {
             panic!("cannot connect to RabbitMQ at {RABBITMQ_ADDRESS}: {error}; start it with: {START_RABBITMQ}")
         })
+}
+
+/// Returns a loopback address with a port that was free a moment ago,
+/// for the worker's HTTP endpoint.
+pub fn free_local_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free loopback port");
+    listener
+        .local_addr()
+        .expect("read the bound address")
+        .to_string()
+}
+
+/// Returns the value of one series in a Prometheus text page, such as
+/// `stream_credits_dropped_total{reason="chunk_after_settlement"}`.
+pub fn metric_value(page: &str, series: &str) -> Option<f64> {
+    page.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
+}
+
+/// Sends `GET path` over HTTP/1.1 to `address` and returns the status
+/// code and body. Enough for the worker's endpoint, which sends a
+/// `Content-Length` body and closes on `Connection: close`.
+async fn http_get(address: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "no response within 5 s")
+        })??;
+    let text = String::from_utf8_lossy(&response);
+    let invalid = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response");
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(invalid)?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(invalid)?;
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "the endpoint answered with a chunked body, which this client does not decode"
+    );
+    Ok((status, body.to_owned()))
 }
 
 fn short_id() -> String {
