@@ -300,7 +300,7 @@ impl Ledger {
                     if let Some(stream_id) = other.stream_id() {
                         batch.flush_stream(conn, other.user_id(), stream_id).await?;
                     }
-                    self.apply_unbatched(conn, other, reply_to).await?
+                    self.apply_unbatched(conn, &mut batch, other, reply_to).await?
                 }
             };
 
@@ -318,12 +318,13 @@ impl Ledger {
     async fn apply_unbatched(
         &self,
         conn: &mut PgConnection,
+        batch: &mut BatchState,
         message: &Inbound,
         reply_to: &ReplyTo,
     ) -> Result<(Applied, Option<serde_json::Value>), LedgerError> {
         Ok(match message {
             Inbound::CreditsGranted(grant) => (self.grant(conn, grant).await?, None),
-            Inbound::StreamStarted(start) => self.start(conn, start, reply_to).await?,
+            Inbound::StreamStarted(start) => self.start(conn, batch, start, reply_to).await?,
             Inbound::StreamEnded(end) => (self.end(conn, end).await?, None),
             Inbound::ChunkEmitted(_) => unreachable!("chunks are counted by the batch"),
         })
@@ -372,6 +373,7 @@ impl Ledger {
     async fn start(
         &self,
         conn: &mut PgConnection,
+        batch: &mut BatchState,
         start: &StreamStarted,
         reply_to: &ReplyTo,
     ) -> Result<(Applied, Option<serde_json::Value>), LedgerError> {
@@ -427,8 +429,9 @@ impl Ledger {
         };
         assert!(available_after >= 0, "a hold never takes available below zero");
 
+        let now = batch.now(conn).await?;
         let grant = self
-            .insert_hold(conn, start, &price, prompt_tokens, max_output_tokens, requested, available_after)
+            .insert_hold(conn, start, &price, prompt_tokens, max_output_tokens, requested, available_after, now)
             .await?;
         let body = serde_json::to_value(&grant).expect("events serialize");
         let mut applied = Applied::new(Outcome::Applied);
@@ -454,10 +457,8 @@ impl Ledger {
         max_output_tokens: u64,
         reserved: Credits,
         available_after: i64,
+        now: DateTime<Utc>,
     ) -> Result<ReservationGranted, LedgerError> {
-        let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
-            .fetch_one(&mut *conn)
-            .await?;
         let ttl = chrono::Duration::seconds(self.settings.reservations.ttl_seconds as i64);
         let grant = ReservationGranted {
             kind: Default::default(),
@@ -860,9 +861,22 @@ struct BatchState {
     pending: HashMap<(String, String), PendingCounts>,
     /// Processed-message rows to insert: user, message id, type, reply.
     processed: Vec<(String, String, &'static str, Option<serde_json::Value>)>,
+    /// The transaction's `now()`, read once.
+    now: Option<DateTime<Utc>>,
 }
 
 impl BatchState {
+    /// Returns the transaction's start time on the database clock, which
+    /// PostgreSQL keeps the same for the whole transaction.
+    async fn now(&mut self, conn: &mut PgConnection) -> Result<DateTime<Utc>, LedgerError> {
+        if let Some(now) = self.now {
+            return Ok(now);
+        }
+        let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&mut *conn).await?;
+        self.now = Some(now);
+        Ok(now)
+    }
+
     fn record(&mut self, key: (String, String), kind: &'static str, reply: Option<serde_json::Value>) {
         self.processed.push((key.0.clone(), key.1.clone(), kind, reply.clone()));
         self.known.insert(key, reply);
@@ -1056,32 +1070,46 @@ async fn enqueue(
     if let Some(queue) = &reply_to.queue {
         targets.push((Destination::Reply, queue.clone(), reply_to.correlation_id.clone()));
     }
+    let destinations: Vec<&str> = targets.iter().map(|target| target.0.code()).collect();
+    let routing_keys: Vec<&str> = targets.iter().map(|target| target.1.as_str()).collect();
+    let correlation_ids: Vec<Option<&str>> = targets.iter().map(|target| target.2.as_deref()).collect();
 
-    let mut outgoing = Vec::with_capacity(targets.len());
-    for (destination, routing_key, correlation_id) in targets {
-        let outbox_id: i64 = sqlx::query_scalar(
-            "INSERT INTO outbox (event_id, destination, routing_key, correlation_id, \
-             event_type, reservation_id, body) VALUES ($1, $2, $3, $4, $5, $6, $7) \
-             RETURNING outbox_id",
-        )
-        .bind(event_id)
-        .bind(destination.code())
-        .bind(&routing_key)
-        .bind(&correlation_id)
-        .bind(event_type)
-        .bind(reservation_id)
-        .bind(body)
-        .fetch_one(&mut *conn)
-        .await?;
-        outgoing.push(Outgoing {
-            outbox_id: Some(outbox_id),
-            destination,
-            routing_key,
-            correlation_id,
-            event_type: event_type.to_owned(),
-            body: body.clone(),
-        });
-    }
+    // One statement writes the event and, when asked, the reply.
+    let ids: Vec<(i64, String)> = sqlx::query_as(
+        "INSERT INTO outbox (event_id, destination, routing_key, correlation_id, \
+         event_type, reservation_id, body) \
+         SELECT $1, t.destination, t.routing_key, t.correlation_id, $5, $6, $7 \
+         FROM unnest($2::text[], $3::text[], $4::text[]) AS t(destination, routing_key, correlation_id) \
+         RETURNING outbox_id, destination",
+    )
+    .bind(event_id)
+    .bind(destinations)
+    .bind(routing_keys)
+    .bind(correlation_ids)
+    .bind(event_type)
+    .bind(reservation_id)
+    .bind(body)
+    .fetch_all(&mut *conn)
+    .await?;
+
+    let outgoing = targets
+        .into_iter()
+        .map(|(destination, routing_key, correlation_id)| {
+            let outbox_id = ids
+                .iter()
+                .find(|(_, code)| code == destination.code())
+                .map(|(id, _)| *id)
+                .expect("one outbox row per destination");
+            Outgoing {
+                outbox_id: Some(outbox_id),
+                destination,
+                routing_key,
+                correlation_id,
+                event_type: event_type.to_owned(),
+                body: body.clone(),
+            }
+        })
+        .collect();
     Ok(outgoing)
 }
 
