@@ -16,7 +16,7 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use sqlx::PgPool;
@@ -272,7 +272,6 @@ struct Shard {
 enum Disposition {
     Ack,
     DeadLetter(Rejection),
-    Requeue,
 }
 
 /// One delivery, decoded.
@@ -335,6 +334,7 @@ impl Shard {
     /// case nothing was acknowledged and the broker will redeliver.
     async fn process(&self, deliveries: Vec<Delivery>) -> Result<bool, SessionError> {
         let limits = &self.worker.settings.limits;
+        let limit_attempts = self.worker.settings.topology.delivery_limit;
         let items: Vec<Item> = deliveries
             .into_iter()
             .map(|delivery| Item {
@@ -364,7 +364,8 @@ impl Shard {
                         _ => Disposition::Ack,
                     }
                 }
-                (Ok(_), _) => Disposition::Requeue,
+                (Ok(_), Some(Err(error))) => Disposition::DeadLetter(exhausted(&error, limit_attempts)),
+                (Ok(_), None) => unreachable!("every valid message has a result"),
             };
             dispositions.push(disposition);
         }
@@ -372,7 +373,7 @@ impl Shard {
         self.dead_letter_all(&items, &dispositions).await?;
         broker::publish_outgoing(&self.channel, &self.names, &outgoing).await?;
         mark_published(&self.worker.pool, &outgoing).await;
-        self.settle_deliveries(&items, &dispositions).await?;
+        self.settle_deliveries(&items).await?;
         Ok(true)
     }
 
@@ -446,21 +447,47 @@ impl Shard {
             tx.commit().await?;
             Ok::<_, LedgerError>(applied)
         };
-        let retried = once.retry(backoff()).when(LedgerError::is_retryable);
-        let result = tokio::select! {
-            result = retried => result,
-            () = self.stop.cancelled() => return None,
-        };
-        if let Err(error) = &result {
+        // A final error is retried in place, a bounded number of times,
+        // rather than returned to the queue: a requeued message would be
+        // applied after later messages of the same user, such as a chunk
+        // after its stream's end.
+        let attempts_max = self.worker.settings.topology.delivery_limit;
+        let mut pauses = backoff().build();
+        for attempt in 1..=attempts_max {
+            let retried = once.retry(backoff()).when(LedgerError::is_retryable);
+            let result = tokio::select! {
+                result = retried => result,
+                () = self.stop.cancelled() => return None,
+            };
+            let error = match result {
+                Ok(applied) => return Some(Some(Ok(applied))),
+                Err(error) => error,
+            };
             metrics::counter!("stream_credits_database_errors_total").increment(1);
-            error!(
+            if attempt == attempts_max {
+                error!(
+                    %error,
+                    attempt,
+                    message.id = message.message_id(),
+                    user.id = message.user_id(),
+                    "message failed on every attempt and is dead-lettered"
+                );
+                return Some(Some(Err(error)));
+            }
+            warn!(
                 %error,
+                attempt,
                 message.id = message.message_id(),
                 user.id = message.user_id(),
-                "message failed and is returned to its queue; the delivery limit bounds the attempts"
+                "message failed, retrying it in place"
             );
+            let pause = pauses.next().unwrap_or(RETRY_DELAY_MAX);
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = self.stop.cancelled() => return None,
+            }
         }
-        Some(Some(result))
+        unreachable!("the last attempt returns")
     }
 
     async fn apply_traced(
@@ -520,37 +547,31 @@ impl Shard {
         Ok(())
     }
 
-    /// Acknowledges the batch: one `multiple` ack when nothing goes back to
-    /// the queue, else one ack or nack per delivery, in order. Every
-    /// delivery is acknowledged exactly once.
-    async fn settle_deliveries(
-        &self,
-        items: &[Item],
-        dispositions: &[Disposition],
-    ) -> Result<(), SessionError> {
-        let requeue_any = dispositions.iter().any(|d| matches!(d, Disposition::Requeue));
-        if !requeue_any {
-            let last = &items.last().expect("a batch is never empty").delivery;
-            last.acker.ack(BasicAckOptions { multiple: true }).await?;
-            return Ok(());
-        }
-        for (item, disposition) in items.iter().zip(dispositions) {
-            match disposition {
-                Disposition::Requeue => {
-                    item.delivery
-                        .acker
-                        .nack(BasicNackOptions {
-                            multiple: false,
-                            requeue: true,
-                        })
-                        .await?;
-                }
-                _ => {
-                    item.delivery.acker.ack(BasicAckOptions::default()).await?;
-                }
-            }
-        }
+    /// Acknowledges the whole batch with one `multiple` ack, after every
+    /// dead letter of it was confirmed. Each delivery is acknowledged once.
+    async fn settle_deliveries(&self, items: &[Item]) -> Result<(), SessionError> {
+        let last = &items.last().expect("a batch is never empty").delivery;
+        last.acker.ack(BasicAckOptions { multiple: true }).await?;
         Ok(())
+    }
+}
+
+/// The dead-letter reason of a message that failed on every attempt. The
+/// detail names the SQLSTATE only, because PostgreSQL's own message may
+/// quote values from the message.
+fn exhausted(error: &LedgerError, attempts: u32) -> Rejection {
+    let code = match error {
+        LedgerError::Retryable(source) | LedgerError::Final(source) => source
+            .as_database_error()
+            .and_then(|db| db.code().map(|code| code.into_owned())),
+    };
+    Rejection {
+        reason: messages::RejectReason::RetriesExhausted,
+        detail: format!(
+            "applying failed {attempts} times in a row; last database error SQLSTATE {}",
+            code.as_deref().unwrap_or("unknown")
+        ),
+        partial: Default::default(),
     }
 }
 

@@ -6,8 +6,8 @@
 //!   retries the whole batch in place.
 //! - An ordinary exception (P0001) is final for the batch, which the worker
 //!   then applies one message per transaction. When that fails too, the
-//!   message is returned to its queue with a nack and applied on its next
-//!   delivery.
+//!   message is retried in place, alone, up to `topology.delivery_limit`
+//!   times, so later messages of the same user never overtake it.
 
 mod common;
 
@@ -140,12 +140,12 @@ async fn final_failure_applies_per_message() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn final_failure_requeues_message() {
+async fn final_failure_retries_alone() {
     let harness = Harness::start("effrequeue", |_| {}).await;
 
     let attempts = grant_batch_with_failure(&harness, "u-requeue", RAISE_EXCEPTION, 2).await;
-    // The batch and the per-message transaction fail, the nack returns
-    // the message, and its second delivery is applied.
+    // The batch and the first transaction of its own fail, and the
+    // retry in place applies it.
     assert_eq!(attempts, 3, "insert attempts of the failing grant");
 
     harness.finish().await;
@@ -223,12 +223,11 @@ async fn failed_start_replies_once() {
     harness.finish().await;
 }
 
-/// Publishes a chunk whose effect fails until its first delivery was
-/// returned to the queue, together with a later chunk and the stream's end.
-/// The end must not settle the stream before the failed chunk is counted.
+/// Publishes a chunk whose effect fails twice, together with a later chunk
+/// and the stream's end. The end must not settle the stream before the
+/// failed chunk is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known failure: the returned chunk is redelivered after the end and dropped"]
-async fn requeued_chunk_counts_before_end() {
+async fn failed_chunk_counts_before_end() {
     const USER: &str = "u-chunk-fail";
     const STREAM: &str = "s-chunk-fail";
     const FAILING_CHUNK: &str = "s-chunk-fail-c0";
