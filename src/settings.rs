@@ -205,6 +205,15 @@ pub struct WorkerSettings {
     pub batch_messages_max: usize,
     /// Longest wait for in-flight work on SIGTERM or SIGINT.
     pub shutdown_timeout_seconds: u64,
+    /// Shards this process consumes at once; empty means every shard.
+    /// Each other shard gets a standby subscription after
+    /// `standby_delay_seconds`, which RabbitMQ's single active consumer
+    /// activates only when the process consuming it goes away.
+    #[serde(default)]
+    pub home_shards: Vec<u16>,
+    /// Wait before subscribing to shards that are not home shards, so
+    /// that the processes whose home they are subscribe first.
+    pub standby_delay_seconds: u64,
 }
 
 /// HTTP endpoint settings.
@@ -254,6 +263,8 @@ impl Default for Settings {
             worker: WorkerSettings {
                 batch_messages_max: 256,
                 shutdown_timeout_seconds: 30,
+                home_shards: Vec::new(),
+                standby_delay_seconds: 15,
             },
             http: HttpSettings {
                 listen: "127.0.0.1:9464".to_owned(),
@@ -311,6 +322,8 @@ impl Settings {
             .prefix_separator("__")
             .separator("__")
             .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("worker.home_shards")
             .source(Some(vars.into_iter().collect()));
 
         let mut settings: Self = builder.add_source(environment).build()?.try_deserialize()?;
@@ -399,6 +412,17 @@ impl Settings {
     }
 
     fn validate_topology(&self) -> Result<(), SettingsError> {
+        if let Some(shard) = self
+            .worker
+            .home_shards
+            .iter()
+            .find(|shard| **shard >= self.topology.shards)
+        {
+            return Err(SettingsError::invalid(
+                "worker.home_shards",
+                format!("shard {shard} does not exist; topology.shards is {}", self.topology.shards),
+            ));
+        }
         let prefix = &self.topology.prefix;
         // Queue names are at most 255 bytes in AMQP 0-9-1; the longest name
         // built from the prefix adds `.events.shard.65535`.
@@ -626,6 +650,18 @@ mod tests {
         let settings = Settings::load_unvalidated(Some(&path), Vec::new()).unwrap();
         let text = settings.validate().unwrap_err().to_string();
         assert!(text.contains("models.gpt-4o.input_per_million"), "{text}");
+    }
+
+    #[test]
+    fn home_shards_parse_from_environment() {
+        let settings = load_with(&[("STREAM_CREDITS__WORKER__HOME_SHARDS", "0,3")]).unwrap();
+        assert_eq!(settings.worker.home_shards, vec![0, 3]);
+    }
+
+    #[test]
+    fn home_shard_beyond_shards_names_the_key() {
+        let text = error_text(&[("STREAM_CREDITS__WORKER__HOME_SHARDS", "8")]);
+        assert!(text.contains("worker.home_shards"), "{text}");
     }
 
     #[test]

@@ -188,14 +188,18 @@ impl Worker {
 
         let session_stop = self.shutdown.child_token();
         let mut tasks = JoinSet::new();
+        let homes = &self.settings.worker.home_shards;
+        let standby_delay = Duration::from_secs(self.settings.worker.standby_delay_seconds);
         for index in 0..self.settings.topology.shards {
             let channel = broker::confirm_channel(&connection).await?;
+            let home = homes.is_empty() || homes.contains(&index);
             let shard = Shard {
                 worker: self.clone(),
                 names: names.clone(),
                 channel,
                 queue: names.shard(index),
                 stop: session_stop.clone(),
+                subscribe_after: if home { Duration::ZERO } else { standby_delay },
             };
             tasks.spawn(shard.consume());
         }
@@ -265,6 +269,8 @@ struct Shard {
     channel: Channel,
     queue: String,
     stop: CancellationToken,
+    /// Zero for a home shard; the standby delay for any other.
+    subscribe_after: Duration,
 }
 
 /// The fate of one delivery once its batch is done.
@@ -283,6 +289,13 @@ struct Item {
 
 impl Shard {
     async fn consume(self) -> Result<(), SessionError> {
+        if !self.subscribe_after.is_zero() {
+            tokio::select! {
+                () = tokio::time::sleep(self.subscribe_after) => {}
+                () = self.stop.cancelled() => return Ok(()),
+            }
+            info!(queue = %self.queue, "subscribed as standby");
+        }
         self.channel
             .basic_qos(self.worker.settings.amqp.prefetch, BasicQosOptions::default())
             .await?;
