@@ -113,17 +113,32 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 /// Parses the process arguments, runs the command and returns its exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => return report(Failure::from(error)),
+    };
+
+    // The worker listens for SIGTERM before the settings are validated,
+    // which builds tokenizer tables and takes a moment, so a stop sent
+    // during start-up still ends in a clean exit.
+    let shutdown = CancellationToken::new();
+    if matches!(cli.command, Command::Run) {
+        runtime.spawn(cancel_on_signal(shutdown.clone()));
+    }
+
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(settings) => settings,
         Err(error) => return report(Failure::usage(error)),
     };
     telemetry::init(&settings.log);
-
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(error) => return report(Failure::from(error)),
-    };
-    match runtime.block_on(execute(cli.command, Arc::new(settings))) {
+    let settings = Arc::new(settings);
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run => run(settings, shutdown).await,
+            command => execute(command, settings).await,
+        }
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => report(failure),
     }
@@ -137,7 +152,11 @@ fn report(failure: Failure) -> ExitCode {
 /// Runs one command with loaded settings.
 pub async fn execute(command: Command, settings: Arc<Settings>) -> Result<(), Failure> {
     match command {
-        Command::Run => run(settings).await,
+        Command::Run => {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            run(settings, shutdown).await
+        }
         Command::Migrate => {
             db::migrate(&settings.database).await?;
             eprintln!("database is up to date");
@@ -152,9 +171,7 @@ pub async fn execute(command: Command, settings: Arc<Settings>) -> Result<(), Fa
     }
 }
 
-async fn run(settings: Arc<Settings>) -> Result<(), Failure> {
-    let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
+async fn run(settings: Arc<Settings>, shutdown: CancellationToken) -> Result<(), Failure> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "worker starting");
     worker::run(settings, shutdown).await.map_err(|error| match error {
         WorkerError::Topology(_) => Failure::usage(error),

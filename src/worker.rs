@@ -44,6 +44,9 @@ const RELAY_INTERVAL: Duration = Duration::from_secs(5);
 /// crash between commit and publish, rather than in flight.
 const RELAY_AGE_SECONDS: f64 = 10.0;
 
+/// Maximum wait for the next already-received delivery while draining.
+const DRAIN_WAIT: Duration = Duration::from_secs(2);
+
 /// Maximum wait for a connection to close. lapin 4.12 can wait forever
 /// on a close once its I/O loop has stopped.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
@@ -311,6 +314,7 @@ impl Shard {
         debug!(queue = %self.queue, "subscribed");
 
         let batch_max = self.worker.settings.worker.batch_messages_max;
+        let mut database_down = false;
         loop {
             let first = tokio::select! {
                 biased;
@@ -331,6 +335,7 @@ impl Shard {
                 }
             }
             if !self.process(deliveries).await? {
+                database_down = true;
                 break;
             }
         }
@@ -339,6 +344,33 @@ impl Shard {
             .channel
             .basic_cancel(consumer.tag(), BasicCancelOptions::default())
             .await;
+        if !database_down {
+            self.drain(&mut consumer, batch_max).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies the deliveries already received after the subscription was
+    /// cancelled. Returning them to the queue instead would let RabbitMQ
+    /// 3.10's quorum queues deliver them again out of order, such as a
+    /// chunk before its stream's start.
+    async fn drain(&self, consumer: &mut lapin::Consumer, batch_max: usize) -> Result<(), SessionError> {
+        let mut deliveries = Vec::new();
+        loop {
+            // The stream ends once the broker confirms the cancel; the
+            // timeout bounds the wait if that confirm never comes.
+            let next = tokio::time::timeout(DRAIN_WAIT, consumer.next()).await;
+            let Ok(Some(delivery)) = next else { break };
+            deliveries.push(delivery?);
+            if deliveries.len() == batch_max {
+                if !self.process(std::mem::take(&mut deliveries)).await? {
+                    return Ok(());
+                }
+            }
+        }
+        if !deliveries.is_empty() {
+            self.process(deliveries).await?;
+        }
         Ok(())
     }
 
@@ -398,19 +430,7 @@ impl Shard {
         &self,
         items: &[Item],
     ) -> Option<Vec<Option<Result<Applied, LedgerError>>>> {
-        let batch = || self.apply_batch(items);
-        let retried = batch
-            .retry(backoff())
-            .when(LedgerError::is_retryable)
-            .notify(|error, delay| {
-                metrics::counter!("stream_credits_database_errors_total").increment(1);
-                warn!(%error, ?delay, queue = %self.queue, "database unavailable, batch will be retried");
-            });
-        let result = tokio::select! {
-            result = retried => result,
-            () = self.stop.cancelled() => return None,
-        };
-        match result {
+        match self.retry_while_unreachable(|| self.apply_batch(items)).await? {
             Ok(results) => Some(results.into_iter().map(|applied| applied.map(Ok)).collect()),
             Err(error) => {
                 warn!(%error, queue = %self.queue, "batch failed, applying its messages one by one");
@@ -419,6 +439,32 @@ impl Shard {
                     results.push(self.apply_one_with_retry(item).await?);
                 }
                 Some(results)
+            }
+        }
+    }
+
+    /// Runs `attempt` until it succeeds or fails for a reason other than an
+    /// unreachable database, pausing with backoff between attempts. Returns
+    /// `None` when shutdown comes during a pause. An attempt in progress is
+    /// never cut off, so a commit is always followed by its publishing and
+    /// acknowledgement.
+    async fn retry_while_unreachable<T, F, Fut>(&self, mut attempt: F) -> Option<Result<T, LedgerError>>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, LedgerError>>,
+    {
+        let mut pauses = backoff().build();
+        loop {
+            let error = match attempt().await {
+                Err(error) if error.is_retryable() => error,
+                result => return Some(result),
+            };
+            let pause = pauses.next().unwrap_or(RETRY_DELAY_MAX);
+            metrics::counter!("stream_credits_database_errors_total").increment(1);
+            warn!(%error, ?pause, queue = %self.queue, "database unavailable, batch will be retried");
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = self.stop.cancelled() => return None,
             }
         }
     }
@@ -467,12 +513,7 @@ impl Shard {
         let attempts_max = self.worker.settings.topology.delivery_limit;
         let mut pauses = backoff().build();
         for attempt in 1..=attempts_max {
-            let retried = once.retry(backoff()).when(LedgerError::is_retryable);
-            let result = tokio::select! {
-                result = retried => result,
-                () = self.stop.cancelled() => return None,
-            };
-            let error = match result {
+            let error = match self.retry_while_unreachable(once).await? {
                 Ok(applied) => return Some(Some(Ok(applied))),
                 Err(error) => error,
             };
