@@ -399,7 +399,7 @@ impl Ledger {
             return Ok(self.record_denial(conn, denial, reply_to).await?);
         };
         let price = price.clone();
-        let prompt_tokens = count_prompt(&price, start);
+        let prompt_tokens = count_prompt(&price, start).min(self.settings.limits.tokens_max);
         let max_output_tokens = start.max_output_tokens.unwrap_or(price.max_output_tokens);
         let Ok(requested) = price.cost(TokenUsage {
             prompt_tokens,
@@ -595,7 +595,9 @@ impl Ledger {
                 tokens::count_text(bpe, &chunk.delta)
             }
         };
-        let counted = pending.counted_completion_tokens + tokens;
+        // Counts stop at limits.tokens_max, the largest usage whose cost
+        // the price validation keeps within 64 bits.
+        let counted = (pending.counted_completion_tokens + tokens).min(self.settings.limits.tokens_max);
         let cost_so_far = cost_or_max(&hold.price, hold.prompt_tokens, counted);
         let signal = !hold.over_signalled && !pending.signalled && cost_so_far > hold.reserved;
         pending.counted_completion_tokens = counted;
