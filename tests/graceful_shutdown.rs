@@ -86,9 +86,8 @@ async fn sigterm_drains_and_settles_every_stream_once() {
     let exit_limit = Duration::from_secs(SHUTDOWN_TIMEOUT_SECONDS) + EXIT_MARGIN;
     for (stop, pause) in STOP_AFTER.iter().enumerate() {
         let stop = stop + 1;
-        // NOTE: the process installs its SIGTERM handler only after loading
-        // its settings, and a SIGTERM before that ends it by the signal, not
-        // with exit 0. The signal therefore waits until it consumes.
+        // The stop comes while the worker consumes, so that it has
+        // deliveries in flight to drain.
         wait_until_consuming(&harness).await;
         tokio::time::sleep(*pause).await;
         if let Some(status) = worker.exited() {
