@@ -15,10 +15,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && cp target/release/stream-credits /usr/local/bin/stream-credits
 
 # Runtime stage: the binary and the demo's recorded input, run as an
-# unprivileged user.
+# unprivileged user. curl serves the health check in docker-compose.yml.
 FROM debian:bookworm-slim
 RUN apt-get update \
-    && apt-get install --yes --no-install-recommends ca-certificates \
+    && apt-get install --yes --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system stream-credits \
     && useradd --system --gid stream-credits --home-dir /app --no-create-home \

@@ -79,6 +79,9 @@ pub struct Figures {
     pub grant_rtt_p99_ms: f64,
     pub echo_rtt_p50_ms: f64,
     pub echo_rtt_p99_ms: f64,
+    /// The echo through a durable quorum queue, as starts travel.
+    pub echo_quorum_rtt_p50_ms: f64,
+    pub echo_quorum_rtt_p99_ms: f64,
     pub db_transactions_per_chunk: f64,
     pub reservations_per_second: f64,
     pub pgbench_tps: f64,
@@ -115,7 +118,7 @@ pub async fn run(settings: Arc<Settings>, args: BenchArgs) -> Result<(), Failure
     );
     let mut figures = Figures::default();
     let pool = db::migrate(&settings.database).await?;
-    let connection = broker::connect(&settings.amqp.url, "stream-credits bench").await?;
+    let connection = broker::connect(&settings.amqp, "stream-credits bench").await?;
 
     progress.set_message("token counting");
     figures.token_count_ns_per_chunk = token_count_ns(&answers);
@@ -161,7 +164,11 @@ pub async fn run(settings: Arc<Settings>, args: BenchArgs) -> Result<(), Failure
 
     progress.set_message("grant round trip");
     let (grant_p50, grant_p99) = grant_rtt(&connection, &names, &run_id, &args).await?;
-    let (echo_p50, echo_p99) = echo_rtt(&connection, &args).await?;
+    let (echo_p50, echo_p99) = echo_rtt(&connection, &args, None).await?;
+    let echo_queue = format!("bench-{run_id}-echo");
+    let (echo_quorum_p50, echo_quorum_p99) = echo_rtt(&connection, &args, Some(&echo_queue)).await?;
+    figures.echo_quorum_rtt_p50_ms = echo_quorum_p50;
+    figures.echo_quorum_rtt_p99_ms = echo_quorum_p99;
     figures.grant_rtt_p50_ms = grant_p50;
     figures.grant_rtt_p99_ms = grant_p99;
     figures.echo_rtt_p50_ms = echo_p50;
@@ -205,7 +212,7 @@ impl BenchArgs {
     }
 }
 
-fn database_url(settings: &Settings, name: &str) -> Result<crate::settings::SecretUrl, Failure> {
+pub(crate) fn database_url(settings: &Settings, name: &str) -> Result<crate::settings::SecretUrl, Failure> {
     let mut url = url::Url::parse(settings.database.url.expose()).map_err(Failure::usage)?;
     url.set_path(name);
     Ok(crate::settings::SecretUrl::new(url.to_string()))
@@ -488,12 +495,23 @@ async fn grant_rtt(connection: &Connection, names: &Names, run_id: &str, args: &
     timed_requests(connection, &names.events, &bodies, args.grant_rate).await
 }
 
-/// Round trip through the same broker to a responder that replies at once.
-async fn echo_rtt(connection: &Connection, args: &BenchArgs) -> Result<(f64, f64), Failure> {
+/// Round trip through the same broker to a responder that replies at once:
+/// through a server-named transient queue, or through the durable quorum
+/// queue `quorum`, which the broker writes to disk as it does shard queues.
+async fn echo_rtt(connection: &Connection, args: &BenchArgs, quorum: Option<&str>) -> Result<(f64, f64), Failure> {
     let channel = connection.create_channel().await?;
-    let queue = channel
-        .queue_declare("".into(), QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() }, FieldTable::default())
-        .await?;
+    let queue = match quorum {
+        None => {
+            let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+            channel.queue_declare("".into(), options, FieldTable::default()).await?
+        }
+        Some(name) => {
+            let mut arguments = FieldTable::default();
+            arguments.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("quorum".into()));
+            let options = QueueDeclareOptions { durable: true, ..Default::default() };
+            channel.queue_declare(name.into(), options, arguments).await?
+        }
+    };
     let mut requests = channel
         .basic_consume(queue.name().clone(), "".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
         .await?;
@@ -516,6 +534,15 @@ async fn echo_rtt(connection: &Connection, args: &BenchArgs) -> Result<(f64, f64
         .collect();
     let result = timed_requests(connection, "", &bodies, args.grant_rate).await;
     responder.abort();
+    // The queue goes only after its consumer's channel: RabbitMQ 3.10
+    // closes the whole connection when a consumer of a deleted quorum queue
+    // is cancelled.
+    let _ = channel.close(200, "echo done".into()).await;
+    if let Some(name) = quorum {
+        let cleanup = connection.create_channel().await?;
+        let _ = cleanup.queue_delete(name.into(), QueueDeleteOptions::default()).await;
+        let _ = cleanup.close(200, "echo queue deleted".into()).await;
+    }
     result
 }
 
@@ -567,7 +594,7 @@ async fn timed_requests(connection: &Connection, exchange: &str, bodies: &[Outbo
     Ok((percentile(&rtts, 0.50), percentile(&rtts, 0.99)))
 }
 
-fn percentile(sorted: &[f64], share: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], share: f64) -> f64 {
     let index = ((sorted.len() as f64 - 1.0) * share).round() as usize;
     sorted.get(index).copied().unwrap_or(f64::NAN)
 }
@@ -709,7 +736,7 @@ fn draw_plot(path: &std::path::Path, curve: &[(usize, f64)]) -> anyhow::Result<(
     Ok(())
 }
 
-async fn cleanup(connection: &Connection, settings: &Settings, prefixes: &[&str]) {
+pub(crate) async fn cleanup(connection: &Connection, settings: &Settings, prefixes: &[&str]) {
     let Ok(channel) = connection.create_channel().await else { return };
     for prefix in prefixes {
         let names = Names::new(prefix);
@@ -724,7 +751,7 @@ async fn cleanup(connection: &Connection, settings: &Settings, prefixes: &[&str]
     }
 }
 
-async fn drop_database(settings: &Settings) {
+pub(crate) async fn drop_database(settings: &Settings) {
     let Ok(mut url) = url::Url::parse(settings.database.url.expose()) else { return };
     let name = url.path().trim_start_matches('/').to_owned();
     url.set_path("postgres");
@@ -744,6 +771,7 @@ fn print_figures(figures: &Figures, curve: &[(usize, f64)], args: &BenchArgs) {
         ("grant round trip p50, ms", format!("{:.2}", figures.grant_rtt_p50_ms), format!("≤ 1.5 × echo ({:.2})", 1.5 * figures.echo_rtt_p50_ms)),
         ("grant round trip p99, ms", format!("{:.2}", figures.grant_rtt_p99_ms), format!("≤ 10 at {} starts/s", args.grant_rate)),
         ("echo round trip p50 / p99, ms", format!("{:.2} / {:.2}", figures.echo_rtt_p50_ms, figures.echo_rtt_p99_ms), String::new()),
+        ("echo through a quorum queue p50 / p99, ms", format!("{:.2} / {:.2}", figures.echo_quorum_rtt_p50_ms, figures.echo_quorum_rtt_p99_ms), String::new()),
         ("database transactions per chunk", format!("{:.4}", figures.db_transactions_per_chunk), "≤ 0.05".to_owned()),
         ("reservations/s at saturation", format!("{:.0}", figures.reservations_per_second), format!("≥ pgbench ({:.0})", figures.pgbench_tps)),
         ("pgbench tps, same transaction", format!("{:.0}", figures.pgbench_tps), String::new()),
@@ -763,6 +791,7 @@ fn print_figures(figures: &Figures, curve: &[(usize, f64)], args: &BenchArgs) {
         "grant_rtt_p50_ms": figures.grant_rtt_p50_ms,
         "grant_rtt_p99_ms": figures.grant_rtt_p99_ms,
         "echo_rtt_p50_ms": figures.echo_rtt_p50_ms,
+        "echo_quorum_rtt_p50_ms": figures.echo_quorum_rtt_p50_ms,
         "db_transactions_per_chunk": figures.db_transactions_per_chunk,
         "reservations_per_second": figures.reservations_per_second,
         "pgbench_tps": figures.pgbench_tps,

@@ -1,14 +1,22 @@
 //! RabbitMQ connection and confirmed publishing of replies, events and
 //! dead letters.
 
+use std::path::{Path, PathBuf};
+
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
+    DefaultConnectionBuilder,
+};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use uuid::Uuid;
 
 use crate::ledger::{Destination, Outgoing};
 use crate::messages::RejectReason;
-use crate::settings::SecretUrl;
+use crate::settings::AmqpSettings;
 use crate::topology::Names;
 
 /// Dead-letter header: the reason code.
@@ -32,22 +40,116 @@ pub enum BrokerError {
         #[source]
         source: lapin::Error,
     },
+    /// The TLS handshake of an `amqps://` connection failed.
+    #[error("TLS handshake with RabbitMQ at {url} failed: {error}{hint}")]
+    Tls {
+        url: String,
+        /// Shown in the message rather than as a source, so the error
+        /// chain prints the cause once, before the hint.
+        error: lapin::Error,
+        /// Advice on what to check, empty when the error names no cause.
+        hint: &'static str,
+    },
     #[error("RabbitMQ error: {0}")]
     Amqp(#[from] lapin::Error),
     /// The broker refused to take a message (a negative confirm).
     #[error("RabbitMQ did not confirm a message to {target}")]
     NotConfirmed { target: String },
+    #[error("cannot use amqp.tls_ca_file: {0}")]
+    CaFile(#[from] CaFileError),
 }
 
-/// Opens a connection; errors name the URL without its password.
-pub async fn connect(url: &SecretUrl, name: &str) -> Result<Connection, BrokerError> {
+/// A CA file that cannot serve as trusted roots.
+#[derive(Debug, thiserror::Error)]
+pub enum CaFileError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a PEM file: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("{path} contains no PEM certificate")]
+    Empty { path: PathBuf },
+}
+
+/// Reads a PEM file of CA certificates and returns its text, after
+/// checking that it contains at least one certificate.
+///
+/// NOTE: only the PEM framing is checked here. A block whose content is
+/// not a valid X.509 certificate is rejected at connect time instead, by
+/// the TLS handshake setup.
+pub fn read_ca_file(path: &Path) -> Result<String, CaFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CaFileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut certificates = 0;
+    for certificate in CertificateDer::pem_slice_iter(text.as_bytes()) {
+        certificate.map_err(|error| CaFileError::Invalid {
+            path: path.to_owned(),
+            reason: error.to_string(),
+        })?;
+        certificates += 1;
+    }
+    if certificates == 0 {
+        return Err(CaFileError::Empty {
+            path: path.to_owned(),
+        });
+    }
+    Ok(text)
+}
+
+/// Opens a connection. Errors name the URL without its password. An
+/// `amqps://` connection verifies the broker's certificate and host name
+/// with rustls against the system's root certificates and those of
+/// `amqp.tls_ca_file`. The file is read on every connect, so a renewed CA
+/// is picked up at the next reconnect.
+pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, BrokerError> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url.expose(), properties)
+    let tls = match &settings.tls_ca_file {
+        Some(path) => OwnedTLSConfig {
+            identity: None,
+            cert_chain: Some(read_ca_file(path)?),
+        },
+        None => OwnedTLSConfig::default(),
+    };
+    let wrap = |source| connect_error(settings.url.redacted(), source);
+    DefaultConnectionBuilder::new()
+        .map_err(wrap)?
+        .with_uri_str(settings.url.expose().to_owned())
+        .with_properties(properties)
+        .with_tls_config(tls)
+        .connect()
         .await
-        .map_err(|source| BrokerError::Connect {
-            url: url.redacted(),
-            source,
-        })
+        .map_err(wrap)
+}
+
+/// Wraps a failed connect, telling a TLS failure apart: rustls reports it
+/// inside the I/O error that lapin returns.
+fn connect_error(url: String, source: lapin::Error) -> BrokerError {
+    let lapin::ErrorKind::IOError(io) = source.kind() else {
+        return BrokerError::Connect { url, source };
+    };
+    let Some(tls) = io
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return BrokerError::Connect { url, source };
+    };
+    let hint = match tls {
+        rustls::Error::InvalidCertificate(_) => {
+            "; the broker's certificate must name the host of amqp.url and chain to a \
+             system root certificate or to one in amqp.tls_ca_file"
+        }
+        _ => "",
+    };
+    BrokerError::Tls {
+        url,
+        error: source,
+        hint,
+    }
 }
 
 /// Opens a channel with publisher confirms on.

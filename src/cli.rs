@@ -14,7 +14,7 @@ use crate::ledger::{Ledger, Outcome, ReplyTo};
 use crate::messages::{CreditsGranted, Inbound};
 use crate::settings::Settings;
 use crate::worker::{self, WorkerError};
-use crate::{accounts, bench, db, demo, dlq, producer, telemetry};
+use crate::{accounts, bench, db, demo, dlq, hold_sizing, producer, report, telemetry};
 
 /// Credit reservation and settlement for streaming LLM chats.
 #[derive(Debug, Parser)]
@@ -44,12 +44,19 @@ pub enum Command {
     /// Measure throughput, latency and memory against the local services
     /// on a database and topology prefix of its own.
     Bench(bench::BenchArgs),
+    /// Replay the OpenAssistant conversations with and without holds sized
+    /// from history and print how closely holds fit charges.
+    HoldSizing(hold_sizing::HoldSizingArgs),
     /// Grant credits or show an account.
     #[command(subcommand)]
     Account(AccountCommand),
     /// List, show, replay or purge dead letters.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// Print a read-only reconciliation of the ledger and the dead
+    /// letters; exit 1 when an invariant is broken or the broker is
+    /// unreachable.
+    Report(report::ReportArgs),
 }
 
 /// Account commands.
@@ -165,9 +172,11 @@ pub async fn execute(command: Command, settings: Arc<Settings>) -> Result<(), Fa
         Command::Demo(args) => demo::run(settings, args).await,
         Command::Replay(args) => producer::replay(settings, args).await,
         Command::Bench(args) => bench::run(settings, args).await,
+        Command::HoldSizing(args) => hold_sizing::run(settings, args).await,
         Command::Account(AccountCommand::Grant(args)) => grant(settings, args).await,
         Command::Account(AccountCommand::Show(args)) => show(settings, args).await,
         Command::Dlq(command) => dlq::execute(settings, command).await,
+        Command::Report(args) => report::run(settings, args).await,
     }
 }
 

@@ -19,6 +19,17 @@ pub enum DbError {
         #[source]
         source: sqlx::Error,
     },
+    /// The TLS handshake failed, or the URL requires TLS from a server
+    /// without it.
+    #[error("TLS with PostgreSQL at {url} failed: {error}{hint}")]
+    Tls {
+        url: String,
+        /// Shown in the message rather than as a source, so the error
+        /// chain prints the cause once, before the hint.
+        error: sqlx::Error,
+        /// Advice on what to check, empty when the error names no cause.
+        hint: &'static str,
+    },
     #[error("cannot apply migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
@@ -27,7 +38,9 @@ impl DbError {
     /// Whether the database may become reachable later.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Connect { source, .. } => crate::ledger::is_transient(source),
+            Self::Connect { source, .. } | Self::Tls { error: source, .. } => {
+                crate::ledger::is_transient(source)
+            }
             Self::Migrate(sqlx::migrate::MigrateError::Execute(error)) => {
                 crate::ledger::is_transient(error)
             }
@@ -43,25 +56,42 @@ pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, DbError> {
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_secs(settings.acquire_timeout_seconds))
         .connect_lazy(settings.url.expose())
-        .map_err(|source| DbError::Connect {
-            url: settings.url.redacted(),
-            source,
-        })
+        .map_err(|source| connect_error(settings.url.redacted(), source))
+}
+
+/// Wraps a failed connect, telling a TLS failure apart. sqlx reports a
+/// failed handshake as an I/O error around the rustls error, and a server
+/// without TLS as a TLS error.
+fn connect_error(url: String, source: sqlx::Error) -> DbError {
+    let hint = match &source {
+        sqlx::Error::Tls(_) => "",
+        sqlx::Error::Io(io) => match io.get_ref().and_then(|inner| inner.downcast_ref()) {
+            Some(rustls::Error::InvalidCertificate(_)) => {
+                "; the server's certificate must chain to the CA file that `sslrootcert` \
+                 names in database.url, and with sslmode=verify-full it must name the URL's host"
+            }
+            Some(_) => "",
+            None => return DbError::Connect { url, source },
+        },
+        _ => return DbError::Connect { url, source },
+    };
+    DbError::Tls {
+        url,
+        error: source,
+        hint,
+    }
 }
 
 /// Creates the database when missing and applies every migration.
 pub async fn migrate(settings: &DatabaseSettings) -> Result<PgPool, DbError> {
     let url = settings.url.expose();
-    let connect_error = |source| DbError::Connect {
-        url: redact_url(url),
-        source,
-    };
-    if !sqlx::Postgres::database_exists(url).await.map_err(connect_error)? {
+    let wrap = |source| connect_error(redact_url(url), source);
+    if !sqlx::Postgres::database_exists(url).await.map_err(wrap)? {
         // Two processes may race to create it; the loser sees it exist.
         if let Err(error) = sqlx::Postgres::create_database(url).await
             && !sqlx::Postgres::database_exists(url).await.unwrap_or(false)
         {
-            return Err(connect_error(error));
+            return Err(wrap(error));
         }
     }
     let pool = pool(settings)?;

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::cli::Failure;
-use crate::messages::{ChatMessage, CreditsGranted, EndStatus, UsageSource};
+use crate::messages::{CreditsGranted, EndStatus, UsageSource};
 use crate::producer::{ChatPlan, ChatResult, Producer, PromptSpec, StartReply, recording_plan};
 use crate::settings::Settings;
 use crate::{db, invariants, replay, tokens, worker};
@@ -30,7 +30,7 @@ const POOR_CREDITS: i64 = 1_500;
 const POOR_USER_EVERY: usize = 8;
 
 /// Models the OpenAssistant chats are billed as, in turn.
-const CONVERSATION_MODELS: &[&str] = &["gpt-4o-mini", "gpt-4.1-nano", "claude-haiku-4-5", "gpt-4o"];
+pub(crate) const CONVERSATION_MODELS: &[&str] = &["gpt-4o-mini", "gpt-4.1-nano", "claude-haiku-4-5", "gpt-4o"];
 
 /// Arguments of `demo`.
 #[derive(Debug, Args)]
@@ -146,15 +146,7 @@ fn load_chats(args: &DemoArgs, users: &[String], run_id: &str) -> Result<Vec<Dem
         if status != EndStatus::Completed {
             deltas.truncate(deltas.len() / 2);
         }
-        let messages = conversation
-            .history
-            .iter()
-            .map(|turn| ChatMessage {
-                role: turn.role.clone(),
-                content: turn.content.clone(),
-                name: None,
-            })
-            .collect();
+        let messages = conversation.prompt_messages();
         chats.push(DemoChat {
             plan: ChatPlan {
                 user_id: user(chats.len()),

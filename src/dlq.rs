@@ -25,7 +25,7 @@ use crate::topology::{self, Names};
 
 /// Most dead letters one command reads, so a flooded queue cannot
 /// exhaust the operator's memory; run the command again for more.
-const SCAN_MAX: usize = 100_000;
+pub const SCAN_MAX: usize = 100_000;
 
 /// Dead-letter commands.
 #[derive(Debug, Subcommand)]
@@ -114,7 +114,7 @@ pub struct DeadLetterView {
 
 /// Runs one dead-letter command.
 pub async fn execute(settings: Arc<Settings>, command: DlqCommand) -> Result<(), Failure> {
-    let connection = broker::connect(&settings.amqp.url, "stream-credits dlq").await?;
+    let connection = broker::connect(&settings.amqp, "stream-credits dlq").await?;
     let channel = broker::confirm_channel(&connection).await?;
     let names = topology::declare(&channel, &settings.topology)
         .await
@@ -130,13 +130,30 @@ pub async fn execute(settings: Arc<Settings>, command: DlqCommand) -> Result<(),
         DlqCommand::Replay(args) => replay(&channel, &names, &letters, &args).await,
         DlqCommand::Purge(args) => purge(&letters, &args).await,
     };
-    // Closing the channel returns every letter not acknowledged above.
-    // lapin 4.12 can wait forever on a close once its I/O loop has
-    // stopped, so each close is bounded.
+    close(&channel, &connection).await;
+    result
+}
+
+/// Reads every dead letter without removing any, for the report. The
+/// topology is not declared, so a missing queue is an error.
+pub async fn peek(settings: &Settings) -> Result<Vec<DeadLetterView>, Failure> {
+    let connection = broker::connect(&settings.amqp, "stream-credits report").await?;
+    let channel = connection.create_channel().await?;
+    let names = Names::new(&settings.topology.prefix);
+    let views = fetch_all(&channel, &names)
+        .await
+        .map(|letters| letters.iter().map(view).collect());
+    close(&channel, &connection).await;
+    views
+}
+
+/// Closes the channel, which returns every letter not acknowledged, and
+/// then the connection. lapin 4.12 can wait forever on a close once its
+/// I/O loop has stopped, so each close is bounded.
+async fn close(channel: &Channel, connection: &lapin::Connection) {
     let bound = std::time::Duration::from_secs(5);
     let _ = tokio::time::timeout(bound, channel.close(200, "done".into())).await;
     let _ = tokio::time::timeout(bound, connection.close(200, "done".into())).await;
-    result
 }
 
 async fn fetch_all(channel: &Channel, names: &Names) -> Result<Vec<BasicGetMessage>, Failure> {

@@ -16,6 +16,12 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+/// Bucket bounds of the latency histograms, from a millisecond (one
+/// commit on an idle database) to half a minute (the longest pause of a
+/// database retry).
+const LATENCY_BUCKETS_SECONDS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
 /// The dependencies `/readyz` checks.
 #[derive(Clone)]
 pub struct Readiness {
@@ -40,7 +46,10 @@ pub async fn serve(
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let recorder = PrometheusBuilder::new().build_recorder();
+    let recorder = PrometheusBuilder::new()
+        .set_buckets(LATENCY_BUCKETS_SECONDS)
+        .expect("the bucket list is not empty")
+        .build_recorder();
     let metrics = recorder.handle();
     let _ = metrics::set_global_recorder(recorder);
 

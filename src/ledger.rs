@@ -13,14 +13,15 @@ use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use crate::messages::{
-    ChunkEmitted, CreditsGranted, DenialReason, Inbound, PromptInput, RejectReason, Rejection,
-    ReservationAdjusted, ReservationDenied, ReservationGranted, ReservationSettled,
-    SettleStatus, StreamEnded, StreamStarted, Usage, UsageOverReservation,
+    ChunkEmitted, CreditsGranted, DenialReason, ExtensionReason, GrowthLimit, Inbound,
+    PromptInput, RejectReason, Rejection, ReservationAdjusted, ReservationDenied,
+    ReservationExtended, ReservationGranted, ReservationSettled, SettleStatus, SizedBy,
+    StreamEnded, StreamStarted, Usage, UsageOverReservation,
 };
 use crate::pricing::{Credits, ModelPrice, TokenUsage};
 use crate::settings::Settings;
 use crate::settlement::{self, Counted, Settlement};
-use crate::tokens;
+use crate::{holds, tokens};
 
 /// A ledger failure, split by whether trying again can help.
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +185,10 @@ struct Hold {
     model: String,
     price: ModelPrice,
     reserved: Credits,
+    /// The hold as granted, before any growth.
+    initial_reserved: Credits,
+    /// Times the hold grew.
+    extensions: u32,
     prompt_tokens: u64,
     counted_completion_tokens: u64,
     over_signalled: bool,
@@ -194,9 +199,9 @@ struct Hold {
 }
 
 const HOLD_COLUMNS: &str = "reservation_id, user_id, stream_id, model, input_per_million, \
-     output_per_million, cached_input_per_million, encoding, reserved, prompt_tokens, \
-     max_output_tokens, counted_completion_tokens, over_signalled, settle_status, charged, \
-     adjusted_at IS NOT NULL AS adjusted, grant_reply";
+     output_per_million, cached_input_per_million, encoding, reserved, initial_reserved, \
+     extensions, prompt_tokens, max_output_tokens, counted_completion_tokens, over_signalled, \
+     settle_status, charged, adjusted_at IS NOT NULL AS adjusted, grant_reply";
 
 impl Hold {
     fn from_row(row: &sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
@@ -213,6 +218,9 @@ impl Hold {
                 max_output_tokens: to_u64(row.try_get("max_output_tokens")?),
             },
             reserved: Credits(row.try_get("reserved")?),
+            initial_reserved: Credits(row.try_get("initial_reserved")?),
+            extensions: u32::try_from(row.try_get::<i32, _>("extensions")?)
+                .expect("extensions are CHECKed non-negative"),
             prompt_tokens: to_u64(row.try_get("prompt_tokens")?),
             counted_completion_tokens: to_u64(row.try_get("counted_completion_tokens")?),
             over_signalled: row.try_get("over_signalled")?,
@@ -229,6 +237,16 @@ impl Hold {
             completion_tokens: self.counted_completion_tokens,
         }
     }
+}
+
+/// The output allowance of a new hold and what it costs.
+#[derive(Debug, Clone, Copy)]
+struct Allowance {
+    prompt_tokens: u64,
+    max_output_tokens: u64,
+    sized_by: SizedBy,
+    /// The price of the prompt and the whole allowance.
+    reserved: Credits,
 }
 
 fn to_u64(value: i64) -> u64 {
@@ -400,7 +418,15 @@ impl Ledger {
         };
         let price = price.clone();
         let prompt_tokens = count_prompt(&price, start).min(self.settings.limits.tokens_max);
-        let max_output_tokens = start.max_output_tokens.unwrap_or(price.max_output_tokens);
+        let (max_output_tokens, sized_by) = holds::output_allowance(
+            conn,
+            &self.settings.reservations,
+            &start.user_id,
+            &start.model,
+            start.max_output_tokens,
+            price.max_output_tokens,
+        )
+        .await?;
         let Ok(requested) = price.cost(TokenUsage {
             prompt_tokens,
             cached_prompt_tokens: 0,
@@ -430,8 +456,14 @@ impl Ledger {
         assert!(available_after >= 0, "a hold never takes available below zero");
 
         let now = batch.now(conn).await?;
+        let allowance = Allowance {
+            prompt_tokens,
+            max_output_tokens,
+            sized_by,
+            reserved: requested,
+        };
         let grant = self
-            .insert_hold(conn, start, &price, prompt_tokens, max_output_tokens, requested, available_after, now)
+            .insert_hold(conn, start, &price, allowance, available_after, now)
             .await?;
         let body = serde_json::to_value(&grant).expect("events serialize");
         let mut applied = Applied::new(Outcome::Applied);
@@ -447,15 +479,12 @@ impl Ledger {
         Ok((applied, Some(body)))
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn insert_hold(
         &self,
         conn: &mut PgConnection,
         start: &StreamStarted,
         price: &ModelPrice,
-        prompt_tokens: u64,
-        max_output_tokens: u64,
-        reserved: Credits,
+        allowance: Allowance,
         available_after: i64,
         now: DateTime<Utc>,
     ) -> Result<ReservationGranted, LedgerError> {
@@ -467,17 +496,18 @@ impl Ledger {
             stream_id: start.stream_id.clone(),
             reservation_id: Uuid::now_v7(),
             model: start.model.clone(),
-            reserved: reserved.0,
-            prompt_tokens,
-            max_output_tokens,
+            reserved: allowance.reserved.0,
+            prompt_tokens: allowance.prompt_tokens,
+            max_output_tokens: allowance.max_output_tokens,
             available_after,
             expires_at: now + ttl,
+            sized_by: allowance.sized_by,
         };
         sqlx::query(
             "INSERT INTO holds (reservation_id, user_id, stream_id, model, input_per_million, \
-             output_per_million, cached_input_per_million, encoding, reserved, prompt_tokens, \
-             max_output_tokens, last_event_at, opened_at, grant_reply) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12, $13)",
+             output_per_million, cached_input_per_million, encoding, reserved, initial_reserved, \
+             prompt_tokens, max_output_tokens, last_event_at, opened_at, grant_reply, sized_by) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10, $11, $12, $12, $13, $14)",
         )
         .bind(grant.reservation_id)
         .bind(&start.user_id)
@@ -487,11 +517,12 @@ impl Ledger {
         .bind(price.output_per_million)
         .bind(price.cached_input_per_million)
         .bind(&price.encoding)
-        .bind(reserved.0)
-        .bind(to_i64(prompt_tokens))
-        .bind(to_i64(max_output_tokens))
+        .bind(allowance.reserved.0)
+        .bind(to_i64(allowance.prompt_tokens))
+        .bind(to_i64(allowance.max_output_tokens))
         .bind(now)
         .bind(serde_json::to_value(&grant).expect("events serialize"))
+        .bind(allowance.sized_by.code())
         .execute(&mut *conn)
         .await?;
         Ok(grant)
@@ -512,12 +543,20 @@ impl Ledger {
             None => (0, 0),
         };
         let max_active = i64::from(self.settings.reservations.max_active_per_user);
-        let reason = if i64::from(holds_open) >= max_active {
-            DenialReason::TooManyActiveStreams
-        } else {
-            DenialReason::InsufficientCredits
-        };
-        Ok(self.denial(start, reason, Some(requested.0), Some(available)))
+        if i64::from(holds_open) < max_active {
+            let reason = DenialReason::InsufficientCredits;
+            return Ok(self.denial(start, reason, Some(requested.0), Some(available)));
+        }
+        let reason = DenialReason::TooManyActiveStreams;
+        let mut denial = self.denial(start, reason, Some(requested.0), Some(available));
+        denial.retry_after_seconds = holds::retry_after_seconds(
+            conn,
+            &self.settings.reservations,
+            &start.user_id,
+            &start.model,
+        )
+        .await?;
+        Ok(denial)
     }
 
     fn denial(
@@ -536,6 +575,7 @@ impl Ledger {
             requested,
             available,
             detail: None,
+            retry_after_seconds: None,
         }
     }
 
@@ -560,7 +600,9 @@ impl Ledger {
     }
 
     /// Counts one chunk against its stream's pending counts, loading and
-    /// locking the hold on the stream's first chunk in the batch.
+    /// locking the hold on the stream's first chunk in the batch. When the
+    /// count nears the hold, the hold grows in this transaction; when it
+    /// passes a hold that cannot grow, `usage.over_reservation` is sent.
     async fn count_chunk(
         &self,
         conn: &mut PgConnection,
@@ -578,6 +620,7 @@ impl Ledger {
                 counted_completion_tokens: counted,
                 chunks: 0,
                 signalled: false,
+                growth_failed: false,
             };
             batch.pending.insert(stream_key.clone(), pending);
         }
@@ -586,11 +629,10 @@ impl Ledger {
             return Ok(Applied::new(Outcome::Dropped(DropReason::ChunkAfterSettlement)));
         }
 
-        let hold = &pending.hold;
         let tokens = match chunk.tokens {
             Some(tokens) => tokens,
             None => {
-                let bpe = tokens::encoder(&hold.price.encoding)
+                let bpe = tokens::encoder(&pending.hold.price.encoding)
                     .expect("hold encodings come from validated settings");
                 tokens::count_text(bpe, &chunk.delta)
             }
@@ -598,13 +640,29 @@ impl Ledger {
         // Counts stop at limits.tokens_max, the largest usage whose cost
         // the price validation keeps within 64 bits.
         let counted = (pending.counted_completion_tokens + tokens).min(self.settings.limits.tokens_max);
-        let cost_so_far = cost_or_max(&hold.price, hold.prompt_tokens, counted);
-        let signal = !hold.over_signalled && !pending.signalled && cost_so_far > hold.reserved;
         pending.counted_completion_tokens = counted;
         pending.chunks += 1;
-        pending.signalled |= signal;
+        let cost_so_far = cost_or_max(&pending.hold.price, pending.hold.prompt_tokens, counted);
 
         let mut applied = Applied::new(Outcome::Applied);
+        // A growth that found no credits is tried again in the next batch,
+        // not on every chunk of this one.
+        let request = holds::growth_request(
+            &self.settings.reservations,
+            pending.hold.reserved,
+            pending.hold.initial_reserved,
+            cost_so_far,
+        );
+        if let Some(request) = request.filter(|_| !pending.growth_failed) {
+            match grow_hold(conn, &mut pending.hold, request, cost_so_far, counted).await? {
+                Some(outgoing) => applied.outgoing = outgoing,
+                None => pending.growth_failed = true,
+            }
+        }
+
+        let hold = &pending.hold;
+        let signal = !hold.over_signalled && !pending.signalled && cost_so_far > hold.reserved;
+        pending.signalled |= signal;
         if signal {
             let event = UsageOverReservation {
                 kind: Default::default(),
@@ -618,16 +676,16 @@ impl Ledger {
                 counted_completion_tokens: counted,
             };
             let body = serde_json::to_value(&event).expect("events serialize");
-            let reservation_id = hold.reservation_id;
-            applied.outgoing = enqueue(
+            let outgoing = enqueue(
                 conn,
                 event.event_id,
                 "usage.over_reservation",
-                Some(reservation_id),
+                Some(event.reservation_id),
                 &body,
                 &ReplyTo::default(),
             )
             .await?;
+            applied.outgoing.extend(outgoing);
         }
         Ok(applied)
     }
@@ -679,12 +737,13 @@ impl Ledger {
         .fetch_one(&mut *conn)
         .await?;
         sqlx::query(
-            "UPDATE holds SET settled_at = now(), settle_status = $2, charged = $3 \
-             WHERE reservation_id = $1 AND settled_at IS NULL",
+            "UPDATE holds SET settled_at = now(), settle_status = $2, charged = $3, \
+             completion_tokens = $4 WHERE reservation_id = $1 AND settled_at IS NULL",
         )
         .bind(hold.reservation_id)
         .bind(status.code())
         .bind(settlement.charged.0)
+        .bind(to_i64(settlement.usage.completion_tokens))
         .execute(&mut *conn)
         .await?;
         insert_ledger_entry(
@@ -847,10 +906,14 @@ impl Ledger {
 
 /// Chunk counts of one stream that the batch has not written yet.
 struct PendingCounts {
+    /// The locked hold; its `reserved` and `extensions` follow every
+    /// growth, which is written at once.
     hold: Hold,
     counted_completion_tokens: u64,
     chunks: u64,
     signalled: bool,
+    /// A growth in this batch found no credits to take.
+    growth_failed: bool,
 }
 
 /// What a batch has applied but not yet written.
@@ -928,6 +991,108 @@ impl BatchState {
         .await?;
         Ok(())
     }
+}
+
+/// Grows a locked open hold by up to `request.credits` from its user's
+/// available credits, writes the hold and stores a `reservation.extended`
+/// event. Returns the event to publish, or `None` when the user has no
+/// credits available.
+async fn grow_hold(
+    conn: &mut PgConnection,
+    hold: &mut Hold,
+    request: holds::GrowthRequest,
+    cost_so_far: Credits,
+    counted_completion_tokens: u64,
+) -> Result<Option<Vec<Outgoing>>, LedgerError> {
+    let mut added = request.credits;
+    let mut limited_by = request.limited_by;
+    // Usually the whole request is available and one guarded update, as
+    // for a new hold, takes it.
+    let mut available_after = reserve_more(conn, &hold.user_id, added).await?;
+    if available_after.is_none() {
+        // Less is available: lock the account row, so that what it shows
+        // stays available, and take what there is.
+        let available: i64 = sqlx::query_scalar(
+            "SELECT balance - reserved FROM accounts WHERE user_id = $1 FOR UPDATE",
+        )
+        .bind(&hold.user_id)
+        .fetch_one(&mut *conn)
+        .await?;
+        if available <= 0 {
+            return Ok(None);
+        }
+        if available < added.0 {
+            added = Credits(available);
+            limited_by = Some(GrowthLimit::AvailableCredits);
+        }
+        available_after = reserve_more(conn, &hold.user_id, added).await?;
+    }
+    let available_after =
+        available_after.expect("the locked account row still has the credits it showed");
+    assert!(available_after >= 0, "a growth never takes available below zero");
+
+    sqlx::query(
+        "UPDATE holds SET reserved = reserved + $2, extensions = extensions + 1 \
+         WHERE reservation_id = $1 AND settled_at IS NULL",
+    )
+    .bind(hold.reservation_id)
+    .bind(added.0)
+    .execute(&mut *conn)
+    .await?;
+    let reason = if cost_so_far > hold.reserved {
+        ExtensionReason::OverReservation
+    } else {
+        ExtensionReason::UsageThreshold
+    };
+    hold.reserved = Credits(hold.reserved.0 + added.0);
+    hold.extensions += 1;
+
+    let event = ReservationExtended {
+        kind: Default::default(),
+        event_id: Uuid::now_v7(),
+        user_id: hold.user_id.clone(),
+        stream_id: hold.stream_id.clone(),
+        reservation_id: hold.reservation_id,
+        added: added.0,
+        reserved: hold.reserved.0,
+        available_after,
+        reason,
+        limited_by,
+        extensions: hold.extensions,
+        cost_so_far: cost_so_far.0,
+        prompt_tokens: hold.prompt_tokens,
+        counted_completion_tokens,
+    };
+    let body = serde_json::to_value(&event).expect("events serialize");
+    let outgoing = enqueue(
+        conn,
+        event.event_id,
+        "reservation.extended",
+        Some(hold.reservation_id),
+        &body,
+        &ReplyTo::default(),
+    )
+    .await?;
+    Ok(Some(outgoing))
+}
+
+/// Adds `credits` to a user's reserved credits when that many are
+/// available, and returns the credits available after; `None` otherwise.
+/// PostgreSQL re-checks the guard after waiting for a concurrent writer's
+/// row lock, so no race can overdraw.
+async fn reserve_more(
+    conn: &mut PgConnection,
+    user_id: &str,
+    credits: Credits,
+) -> Result<Option<i64>, LedgerError> {
+    Ok(sqlx::query_scalar(
+        "UPDATE accounts SET reserved = reserved + $2, updated_at = now() \
+         WHERE user_id = $1 AND balance - reserved >= $2 RETURNING balance - reserved",
+    )
+    .bind(user_id)
+    .bind(credits.0)
+    .fetch_optional(&mut *conn)
+    .await?)
 }
 
 /// Writes the new counts of several streams in one statement.

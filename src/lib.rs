@@ -17,6 +17,8 @@
 //! - [`tokens`]: tiktoken counting of prompts and chunks.
 //! - [`pricing`]: model prices and the cost of usage.
 //! - [`settlement`]: the arithmetic of settling a hold.
+//! - [`holds`]: sizing a hold from history, growing it while its stream
+//!   runs, and the retry estimate of a user at the stream limit.
 //! - [`ledger`]: applying messages to PostgreSQL, with the outbox of
 //!   replies and events.
 //! - [`worker`]: the consumer loop, batches, retries, dead letters and the
@@ -28,7 +30,10 @@
 //! - [`producer`]: the producer side, publishing chats and awaiting their
 //!   grants and settlements (used by `replay` and `demo`).
 //! - [`dlq`]: listing, showing, replaying and purging dead letters.
+//! - [`report`]: the read-only reconciliation report of the ledger.
 //! - [`bench`]: the benchmark against the local broker and database.
+//! - [`hold_sizing`]: how closely holds fit charges on the OpenAssistant
+//!   replay, with and without sizing from history.
 //! - [`demo`]: the end-to-end demonstration on real recorded input.
 //! - [`cli`]: the command line.
 //! - [`http`]: `/metrics`, `/healthz` and `/readyz`.
@@ -40,6 +45,8 @@ pub mod broker;
 pub mod cli;
 pub mod db;
 pub mod dlq;
+pub mod hold_sizing;
+pub mod holds;
 pub mod http;
 pub mod demo;
 pub mod invariants;
@@ -48,6 +55,7 @@ pub mod messages;
 pub mod pricing;
 pub mod producer;
 pub mod replay;
+pub mod report;
 pub mod settings;
 pub mod settlement;
 pub mod telemetry;

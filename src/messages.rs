@@ -35,6 +35,7 @@ type_tag!(ReservationDeniedType, "reservation.denied");
 type_tag!(ReservationSettledType, "reservation.settled");
 type_tag!(ReservationAdjustedType, "reservation.adjusted");
 type_tag!(UsageOverReservationType, "usage.over_reservation");
+type_tag!(ReservationExtendedType, "reservation.extended");
 
 /// `credits.granted`: adds credits to a user's balance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -636,6 +637,33 @@ impl DenialReason {
     }
 }
 
+/// Source of a hold's output allowance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SizedBy {
+    /// The start's own `max_output_tokens`.
+    MaxOutputTokens,
+    /// A percentile of this user's recent completions.
+    UserHistory,
+    /// A percentile of this model's recent completions across users, for a
+    /// user with too little history.
+    ModelHistory,
+    /// The model's `max_output_tokens` setting.
+    ModelDefault,
+}
+
+impl SizedBy {
+    /// The wire value, also stored in the database.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::MaxOutputTokens => "max_output_tokens",
+            Self::UserHistory => "user_history",
+            Self::ModelHistory => "model_history",
+            Self::ModelDefault => "model_default",
+        }
+    }
+}
+
 /// Reply and event: a hold was placed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ReservationGranted {
@@ -648,9 +676,13 @@ pub struct ReservationGranted {
     pub model: String,
     pub reserved: i64,
     pub prompt_tokens: u64,
+    /// Output allowance the hold covers.
     pub max_output_tokens: u64,
     pub available_after: i64,
     pub expires_at: DateTime<Utc>,
+    /// Source of `max_output_tokens`. An addition to version 1 of the wire
+    /// contract.
+    pub sized_by: SizedBy,
 }
 
 /// Reply and event: no hold was placed.
@@ -675,6 +707,11 @@ pub struct ReservationDenied {
     /// One line saying what was wrong with an invalid request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Estimated wait until one of the user's streams ends, for
+    /// `too_many_active_streams` only. An addition to version 1 of the
+    /// wire contract.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_seconds: Option<u64>,
 }
 
 /// Where the settled token counts came from.
@@ -770,8 +807,10 @@ pub struct ReservationAdjusted {
     pub balance_after: i64,
 }
 
-/// Event: counted usage first cost more than the hold. Sent once per
-/// stream; the chat backend may stop the stream.
+/// Event: counted usage first cost more than the hold, and the hold could
+/// not grow to cover it (growth is off, the user has no credits left or
+/// the hold is at `reservations.hold_max_credits`). Sent once per stream;
+/// the chat backend may stop the stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct UsageOverReservation {
     #[serde(rename = "type")]
@@ -781,6 +820,57 @@ pub struct UsageOverReservation {
     pub stream_id: String,
     pub reservation_id: Uuid,
     pub reserved: i64,
+    /// Price of the prompt and the chunks counted so far.
+    pub cost_so_far: i64,
+    pub prompt_tokens: u64,
+    pub counted_completion_tokens: u64,
+}
+
+/// Reason a hold grew.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExtensionReason {
+    /// Counted usage reached `reservations.growth_threshold_percent` of the
+    /// hold.
+    UsageThreshold,
+    /// Counted usage had already passed the hold, because one chunk's
+    /// tokens went past both the threshold and the hold, or because an
+    /// earlier growth found no credits.
+    OverReservation,
+}
+
+/// Limit that made a hold grow by less than it requested.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GrowthLimit {
+    /// The user had fewer credits available; none are left.
+    AvailableCredits,
+    /// The hold reached `reservations.hold_max_credits`.
+    HoldMaxCredits,
+}
+
+/// Event: a hold grew from the user's available credits while its stream
+/// ran. An addition to version 1 of the wire contract.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ReservationExtended {
+    #[serde(rename = "type")]
+    pub kind: ReservationExtendedType,
+    pub event_id: Uuid,
+    pub user_id: String,
+    pub stream_id: String,
+    pub reservation_id: Uuid,
+    /// Credits added to the hold.
+    pub added: i64,
+    /// The whole hold after this growth.
+    pub reserved: i64,
+    /// The user's available credits after this growth.
+    pub available_after: i64,
+    pub reason: ExtensionReason,
+    /// Set when the hold grew by less than the steps it needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limited_by: Option<GrowthLimit>,
+    /// Growths of this hold so far, this one included.
+    pub extensions: u32,
     /// Price of the prompt and the chunks counted so far.
     pub cost_so_far: i64,
     pub prompt_tokens: u64,

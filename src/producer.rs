@@ -108,7 +108,7 @@ impl Producer {
     /// Connects, declares the topology, and starts listening for replies
     /// and settlement events. `timeout` bounds every wait.
     pub async fn connect(settings: &Settings, timeout: Duration) -> Result<Self, ProducerError> {
-        let connection = broker::connect(&settings.amqp.url, "stream-credits producer").await?;
+        let connection = broker::connect(&settings.amqp, "stream-credits producer").await?;
         let channel = broker::confirm_channel(&connection).await?;
         let names = topology::declare(&channel, &settings.topology).await?;
 

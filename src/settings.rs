@@ -152,6 +152,10 @@ pub struct AmqpSettings {
     pub url: SecretUrl,
     /// Unacknowledged deliveries per shard consumer.
     pub prefetch: u16,
+    /// PEM file of CA certificates that an `amqps://` broker's certificate
+    /// may chain to, trusted in addition to the system's root certificates.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// Names and shape of the broker topology.
@@ -177,6 +181,61 @@ pub struct ReservationSettings {
     /// Open holds one user may have at once.
     pub max_active_per_user: u32,
     pub overrun: Overrun,
+    /// Whether a hold grows from the user's available credits when the
+    /// stream's counted usage nears it.
+    pub growth: bool,
+    /// Share of the hold, in percent, that counted usage must reach for
+    /// the hold to grow.
+    pub growth_threshold_percent: u32,
+    /// One growth step, in percent of the hold as granted. A hold grows by
+    /// as many steps as it takes to bring usage below the threshold again.
+    pub growth_step_percent: u32,
+    /// Largest hold one stream may grow to, in credits. A hold granted
+    /// above it never grows.
+    pub hold_max_credits: i64,
+    /// Whether a start without `max_output_tokens` holds an allowance sized
+    /// from recent completions instead of the model's maximum.
+    pub size_from_history: bool,
+    /// Recent completed streams of a user, or of a model, that sizing and
+    /// the retry estimate read.
+    pub history_streams: u32,
+    /// Completed streams needed before a history is used.
+    pub history_streams_min: u32,
+    /// Percentile of the recent completion sizes that a sized hold covers.
+    pub history_percentile: u32,
+}
+
+impl ReservationSettings {
+    /// Checks the growth and history settings, naming the first bad key.
+    fn validate_holds(&self) -> Result<(), SettingsError> {
+        // History reads are on the reservation path; 10,000 index entries
+        // is far more than a percentile needs and still a fast scan.
+        const HISTORY_STREAMS_MAX: u32 = 10_000;
+        // Ten steps of the granted hold at once is already a large jump.
+        const GROWTH_STEP_PERCENT_MAX: u32 = 1_000;
+        let bounded = [
+            ("growth_threshold_percent", self.growth_threshold_percent, 100),
+            ("growth_step_percent", self.growth_step_percent, GROWTH_STEP_PERCENT_MAX),
+            ("history_percentile", self.history_percentile, 100),
+            ("history_streams", self.history_streams, HISTORY_STREAMS_MAX),
+            ("history_streams_min", self.history_streams_min, self.history_streams),
+        ];
+        for (key, value, max) in bounded {
+            if value == 0 || value > max {
+                return Err(SettingsError::invalid(
+                    format!("reservations.{key}"),
+                    format!("must be between 1 and {max}"),
+                ));
+            }
+        }
+        if self.hold_max_credits <= 0 {
+            return Err(SettingsError::invalid(
+                "reservations.hold_max_credits",
+                "must be greater than zero",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Bounds on input, each with the reason for its value.
@@ -242,6 +301,7 @@ impl Default for Settings {
             amqp: AmqpSettings {
                 url: SecretUrl::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
                 prefetch: 500,
+                tls_ca_file: None,
             },
             topology: TopologySettings {
                 prefix: "credits".to_owned(),
@@ -253,6 +313,25 @@ impl Default for Settings {
                 sweep_interval_seconds: 30,
                 max_active_per_user: 16,
                 overrun: Overrun::Debit,
+                growth: true,
+                // At 80 % a step lands before the stream outruns its hold,
+                // even when one batch brings many chunks at once.
+                growth_threshold_percent: 80,
+                // Half the granted hold per step: a stream twice as long as
+                // its hold grows two or three times, not dozens.
+                growth_step_percent: 50,
+                // Ten US dollars at one credit per micro-dollar, above the
+                // cost of the longest output of every built-in model.
+                hold_max_credits: 10_000_000,
+                size_from_history: true,
+                // Enough streams for a stable percentile, few enough that a
+                // change in a user's habits shows soon.
+                history_streams: 50,
+                // Below five streams a percentile is little more than the
+                // longest stream seen.
+                history_streams_min: 5,
+                // Measured on the OpenAssistant replay (docs/benchmarks.md).
+                history_percentile: 60,
             },
             limits: LimitSettings {
                 message_bytes_max: 1024 * 1024,
@@ -342,7 +421,9 @@ impl Settings {
             &["postgres", "postgresql"],
         )?;
         validate_url("amqp.url", self.amqp.url.expose(), &["amqp", "amqps"])?;
+        self.validate_amqp_tls()?;
         self.validate_counts()?;
+        self.reservations.validate_holds()?;
         self.validate_topology()?;
         if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err()
         {
@@ -409,6 +490,25 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+
+    fn validate_amqp_tls(&self) -> Result<(), SettingsError> {
+        const KEY: &str = "amqp.tls_ca_file";
+        let Some(path) = &self.amqp.tls_ca_file else {
+            return Ok(());
+        };
+        // A CA file with a plain `amqp://` URL would suggest a verified
+        // connection where there is none.
+        let scheme = url::Url::parse(self.amqp.url.expose()).map(|url| url.scheme().to_owned());
+        if scheme.as_deref() != Ok("amqps") {
+            return Err(SettingsError::invalid(
+                KEY,
+                "is set, but amqp.url does not start with amqps://",
+            ));
+        }
+        crate::broker::read_ca_file(path)
+            .map(drop)
+            .map_err(|error| SettingsError::invalid(KEY, error.to_string()))
     }
 
     fn validate_topology(&self) -> Result<(), SettingsError> {
@@ -662,6 +762,33 @@ mod tests {
     fn home_shard_beyond_shards_names_the_key() {
         let text = error_text(&[("STREAM_CREDITS__WORKER__HOME_SHARDS", "8")]);
         assert!(text.contains("worker.home_shards"), "{text}");
+    }
+
+    #[test]
+    fn growth_threshold_above_100_names_the_key() {
+        let text = error_text(&[("STREAM_CREDITS__RESERVATIONS__GROWTH_THRESHOLD_PERCENT", "101")]);
+        assert!(text.contains("reservations.growth_threshold_percent"), "{text}");
+    }
+
+    #[test]
+    fn history_minimum_above_streams_names_the_key() {
+        let text = error_text(&[
+            ("STREAM_CREDITS__RESERVATIONS__HISTORY_STREAMS", "10"),
+            ("STREAM_CREDITS__RESERVATIONS__HISTORY_STREAMS_MIN", "11"),
+        ]);
+        assert!(text.contains("reservations.history_streams_min"), "{text}");
+    }
+
+    #[test]
+    fn growth_settings_parse_from_environment() {
+        let settings = load_with(&[
+            ("STREAM_CREDITS__RESERVATIONS__GROWTH", "false"),
+            ("STREAM_CREDITS__RESERVATIONS__HOLD_MAX_CREDITS", "500"),
+        ])
+        .unwrap();
+        assert!(!settings.reservations.growth);
+        assert_eq!(settings.reservations.hold_max_credits, 500);
+        assert!(settings.reservations.size_from_history);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use futures_util::{FutureExt, StreamExt};
@@ -20,9 +20,10 @@ use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, B
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use sqlx::PgPool;
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{Instrument, Span, debug, error, info, info_span, warn};
 
 use crate::broker::{self, BrokerError, DeadLetter};
 use crate::db;
@@ -54,6 +55,13 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// Maximum number of holds expired or outbox rows relayed in one
 /// transaction.
 const SWEEP_BATCH_MAX: i64 = 200;
+
+/// Batches of published outbox ids waiting to be marked. When the queue
+/// is full, a shard marks its own rows before taking more messages.
+const MARK_QUEUE_MAX: usize = 1_024;
+
+/// Maximum outbox ids marked in one statement.
+const MARK_ROWS_MAX: usize = 4_096;
 
 /// A failure that ends the worker.
 #[derive(Debug, thiserror::Error)]
@@ -113,14 +121,31 @@ pub async fn run(settings: Arc<Settings>, shutdown: CancellationToken) -> Result
             }
         });
     }
+    let (marks, unmarked) = mpsc::channel(MARK_QUEUE_MAX);
+    let marker_stop = CancellationToken::new();
+    let marker = tokio::spawn(mark_in_background(pool.clone(), unmarked, marker_stop.clone()));
     let worker = Worker {
         ledger: Ledger::new(settings.clone()),
         settings,
-        pool,
+        pool: pool.clone(),
         shutdown,
         broker_connected,
+        marks,
     };
-    worker.supervise().await
+    let result = worker.supervise().await;
+
+    // Every consumer has stopped, so no more ids arrive.
+    marker_stop.cancel();
+    if tokio::time::timeout(CLOSE_WAIT, marker).await.is_err() {
+        warn!(?CLOSE_WAIT, "outbox rows were not marked in time; the relay will send them again");
+    }
+    // Closing waits for connections in use to come back; a query stuck
+    // on an unreachable server must not keep the process alive.
+    if tokio::time::timeout(CLOSE_WAIT, pool.close()).await.is_err() {
+        warn!(?CLOSE_WAIT, "database pool did not close in time");
+    }
+    info!("worker stopped");
+    result
 }
 
 /// Creates and migrates the database, retrying while it is unreachable.
@@ -140,6 +165,8 @@ struct Worker {
     pool: PgPool,
     shutdown: CancellationToken,
     broker_connected: Arc<AtomicBool>,
+    /// Outbox ids published by the shards, for the background marker.
+    marks: mpsc::Sender<Vec<i64>>,
 }
 
 impl Worker {
@@ -166,19 +193,12 @@ impl Worker {
                 }
             }
         }
-        // Closing waits for connections in use to come back; a query stuck
-        // on an unreachable server must not keep the process alive.
-        let close = self.pool.close();
-        if tokio::time::timeout(CLOSE_WAIT, close).await.is_err() {
-            warn!(?CLOSE_WAIT, "database pool did not close in time");
-        }
-        info!("worker stopped");
         Ok(())
     }
 
     /// Runs one broker connection: declares, then consumes until shutdown or failure.
     async fn session(&self) -> Result<(), SessionError> {
-        let connection = broker::connect(&self.settings.amqp.url, "stream-credits worker").await?;
+        let connection = broker::connect(&self.settings.amqp, "stream-credits worker").await?;
         let setup = connection.create_channel().await?;
         let names = topology::declare(&setup, &self.settings.topology)
             .await
@@ -324,6 +344,7 @@ impl Shard {
             let Some(first) = first else {
                 return Err(SessionError::Lost(format!("consumer of {} ended", self.queue)));
             };
+            let received = Instant::now();
             let mut deliveries = vec![first?];
             // Take whatever else is already here, without waiting, so a
             // busy shard commits many messages per transaction and an idle
@@ -334,7 +355,7 @@ impl Shard {
                     _ => break,
                 }
             }
-            if !self.process(deliveries).await? {
+            if !self.process(deliveries, received).await? {
                 database_down = true;
                 break;
             }
@@ -351,33 +372,40 @@ impl Shard {
     }
 
     /// Applies the deliveries already received after the subscription was
-    /// cancelled. Returning them to the queue instead would let RabbitMQ
-    /// 3.10's quorum queues deliver them again out of order, such as a
-    /// chunk before its stream's start.
+    /// cancelled. Returning them to the queue instead would be unsafe when
+    /// another process waits on the shard as standby: RabbitMQ 3.10 hands
+    /// the queue over at the cancel and sends it newer messages before the
+    /// returned ones, such as a chunk before its stream's start. (A lost
+    /// connection returns deliveries in order: tests/redelivery_order.rs.)
     async fn drain(&self, consumer: &mut lapin::Consumer, batch_max: usize) -> Result<(), SessionError> {
         let mut deliveries = Vec::new();
+        let mut received = Instant::now();
         loop {
             // The stream ends once the broker confirms the cancel; the
             // timeout bounds the wait if that confirm never comes.
             let next = tokio::time::timeout(DRAIN_WAIT, consumer.next()).await;
             let Ok(Some(delivery)) = next else { break };
+            if deliveries.is_empty() {
+                received = Instant::now();
+            }
             deliveries.push(delivery?);
             if deliveries.len() == batch_max {
-                if !self.process(std::mem::take(&mut deliveries)).await? {
+                if !self.process(std::mem::take(&mut deliveries), received).await? {
                     return Ok(());
                 }
             }
         }
         if !deliveries.is_empty() {
-            self.process(deliveries).await?;
+            self.process(deliveries, received).await?;
         }
         Ok(())
     }
 
     /// Applies one batch and settles its deliveries with the broker.
-    /// Returns false when shutdown interrupted a database retry, in which
-    /// case nothing was acknowledged and the broker will redeliver.
-    async fn process(&self, deliveries: Vec<Delivery>) -> Result<bool, SessionError> {
+    /// `received` is when the batch's first delivery arrived. Returns false
+    /// when shutdown interrupted a database retry, in which case nothing
+    /// was acknowledged and the broker will redeliver.
+    async fn process(&self, deliveries: Vec<Delivery>, received: Instant) -> Result<bool, SessionError> {
         let limits = &self.worker.settings.limits;
         let limit_attempts = self.worker.settings.topology.delivery_limit;
         let items: Vec<Item> = deliveries
@@ -395,15 +423,21 @@ impl Shard {
 
         let mut outgoing: Vec<Outgoing> = Vec::new();
         let mut dispositions = Vec::with_capacity(items.len());
+        // The latency histogram each applied start or end is timed in.
+        let mut timed: Vec<&'static str> = Vec::new();
         for (item, result) in items.iter().zip(results) {
+            let _entered = message_span(item).entered();
             let disposition = match (&item.message, result) {
                 (Err(rejection), _) => {
                     outgoing.extend(invalid_request_reply(rejection, &item.reply_to));
                     Disposition::DeadLetter(rejection.clone())
                 }
-                (Ok(_), Some(Ok(applied))) => {
+                (Ok(message), Some(Ok(applied))) => {
                     outgoing.extend(applied.outgoing);
                     record_outcome(item, &applied.outcome);
+                    if applied.outcome == Outcome::Applied {
+                        timed.extend(latency_histogram(message));
+                    }
                     match applied.outcome {
                         Outcome::DeadLetter(rejection) => Disposition::DeadLetter(rejection),
                         _ => Disposition::Ack,
@@ -417,7 +451,19 @@ impl Shard {
 
         self.dead_letter_all(&items, &dispositions).await?;
         broker::publish_outgoing(&self.channel, &self.names, &outgoing).await?;
-        mark_published(&self.worker.pool, &outgoing).await;
+        let latency = received.elapsed().as_secs_f64();
+        for name in timed {
+            metrics::histogram!(name).record(latency);
+        }
+        // Marking rows published is left to a background task, because
+        // the next batch need not wait on it: an unmarked row is only sent
+        // again by the relay, with the same event id.
+        let ids = outbox_ids(&outgoing);
+        if !ids.is_empty() {
+            if let Err(mpsc::error::TrySendError::Full(ids)) = self.worker.marks.try_send(ids) {
+                mark_published(&self.worker.pool, &ids).await;
+            }
+        }
         self.settle_deliveries(&items).await?;
         Ok(true)
     }
@@ -502,7 +548,7 @@ impl Shard {
         };
         let once = || async {
             let mut tx = self.worker.pool.begin().await?;
-            let applied = self.apply_traced(&mut tx, message, &item.reply_to).await?;
+            let applied = self.apply_traced(&mut tx, message, item).await?;
             tx.commit().await?;
             Ok::<_, LedgerError>(applied)
         };
@@ -548,19 +594,12 @@ impl Shard {
         &self,
         conn: &mut sqlx::PgConnection,
         message: &Inbound,
-        reply_to: &ReplyTo,
+        item: &Item,
     ) -> Result<Applied, LedgerError> {
-        let span = info_span!(
-            "message",
-            message.id = message.message_id(),
-            message.type = message.type_name(),
-            user.id = message.user_id(),
-            stream.id = message.stream_id().unwrap_or_default(),
-        );
         self.worker
             .ledger
-            .apply(conn, message, reply_to)
-            .instrument(span)
+            .apply(conn, message, &item.reply_to)
+            .instrument(message_span(item))
             .await
     }
 
@@ -580,7 +619,9 @@ impl Shard {
                 reason: rejection.reason,
                 detail: &rejection.detail,
             };
-            let id = broker::dead_letter(&self.channel, &self.names, letter).await?;
+            let id = broker::dead_letter(&self.channel, &self.names, letter)
+                .instrument(message_span(item))
+                .await?;
             // A rejection made by the ledger comes from a decoded message,
             // whose id the decoder's partial read does not carry.
             let message_id = match &item.message {
@@ -661,6 +702,7 @@ fn invalid_request_reply(rejection: &Rejection, reply_to: &ReplyTo) -> Option<Ou
         requested: None,
         available: None,
         detail: Some(format!("{}: {}", rejection.reason.code(), rejection.detail)),
+        retry_after_seconds: None,
     };
     Some(Outgoing {
         outbox_id: None,
@@ -670,6 +712,46 @@ fn invalid_request_reply(rejection: &Rejection, reply_to: &ReplyTo) -> Option<Ou
         event_type: "reservation.denied".to_owned(),
         body: serde_json::to_value(&denial).expect("events serialize"),
     })
+}
+
+/// The span of one message: every line logged about it carries its ids.
+/// A message that failed validation carries the ids that could be read.
+fn message_span(item: &Item) -> Span {
+    let (kind, message_id, user_id, stream_id) = match &item.message {
+        Ok(message) => (
+            message.type_name(),
+            message.message_id(),
+            message.user_id(),
+            message.stream_id().unwrap_or_default(),
+        ),
+        Err(rejection) => {
+            let partial = &rejection.partial;
+            (
+                partial.type_name.as_deref().unwrap_or_default(),
+                partial.message_id.as_deref().unwrap_or_default(),
+                partial.user_id.as_deref().unwrap_or_default(),
+                partial.stream_id.as_deref().unwrap_or_default(),
+            )
+        }
+    };
+    info_span!(
+        "message",
+        message.id = message_id,
+        message.type = kind,
+        user.id = user_id,
+        stream.id = stream_id,
+    )
+}
+
+/// Latency from receipt to the published answer: a reservation's reply
+/// for a start, the settlement event for an end. Other messages publish
+/// nothing anyone waits on.
+fn latency_histogram(message: &Inbound) -> Option<&'static str> {
+    match message {
+        Inbound::StreamStarted(_) => Some("stream_credits_reservation_latency_seconds"),
+        Inbound::StreamEnded(_) => Some("stream_credits_settle_latency_seconds"),
+        Inbound::ChunkEmitted(_) | Inbound::CreditsGranted(_) => None,
+    }
 }
 
 fn record_outcome(item: &Item, outcome: &Outcome) {
@@ -694,10 +776,38 @@ fn record_outcome(item: &Item, outcome: &Outcome) {
     .increment(1);
 }
 
+fn outbox_ids(outgoing: &[Outgoing]) -> Vec<i64> {
+    outgoing.iter().filter_map(|message| message.outbox_id).collect()
+}
+
+/// Marks the ids that shards send, joining whatever batches are waiting
+/// into one statement. After `stop`, marks what is left and returns.
+async fn mark_in_background(pool: PgPool, mut unmarked: mpsc::Receiver<Vec<i64>>, stop: CancellationToken) {
+    loop {
+        let mut ids = tokio::select! {
+            biased;
+            next = unmarked.recv() => match next {
+                Some(ids) => ids,
+                None => return,
+            },
+            () = stop.cancelled() => Vec::new(),
+        };
+        while ids.len() < MARK_ROWS_MAX {
+            match unmarked.try_recv() {
+                Ok(more) => ids.extend(more),
+                Err(_) => break,
+            }
+        }
+        mark_published(&pool, &ids).await;
+        if stop.is_cancelled() && unmarked.is_empty() {
+            return;
+        }
+    }
+}
+
 /// Marks published outbox rows. A failure only means the relay publishes
 /// them again later with the same event ids, which consumers drop.
-async fn mark_published(pool: &PgPool, outgoing: &[Outgoing]) {
-    let ids: Vec<i64> = outgoing.iter().filter_map(|message| message.outbox_id).collect();
+async fn mark_published(pool: &PgPool, ids: &[i64]) {
     if ids.is_empty() {
         return;
     }
@@ -760,7 +870,7 @@ impl Maintenance {
             metrics::counter!("stream_credits_holds_expired_total").increment(outgoing.len() as u64);
             info!(holds = outgoing.len(), "expired idle holds");
             broker::publish_outgoing(&self.channel, &self.names, &outgoing).await?;
-            mark_published(&self.worker.pool, &outgoing).await;
+            mark_published(&self.worker.pool, &outbox_ids(&outgoing)).await;
         }
     }
 

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use stream_credits::messages::{CreditsGranted, StreamStarted};
+use stream_credits::messages::{CreditsGranted, EndStatus, StreamEnded, StreamStarted, Usage};
 use stream_credits::producer::{Producer, StartReply};
 use stream_credits::settings::{SecretUrl, Settings};
 use stream_credits::worker;
@@ -105,6 +105,30 @@ async fn endpoint_serves_accounts_and_metrics() {
     assert_eq!(status, 200);
     assert!(metrics.contains("stream_credits_holds_open 1"), "{metrics}");
     assert!(metrics.contains("stream_credits_messages_total"), "{metrics}");
+    assert!(metrics.contains("stream_credits_reservation_latency_seconds_count 1"), "{metrics}");
+
+    let end = StreamEnded {
+        kind: Default::default(),
+        message_id: format!("{user}-end"),
+        user_id: user.clone(),
+        stream_id: "s-open".to_owned(),
+        status: EndStatus::Completed,
+        usage: Some(Usage {
+            prompt_tokens: 100,
+            completion_tokens: 10,
+            cached_prompt_tokens: None,
+        }),
+        occurred_at: chrono::Utc::now(),
+    };
+    producer.publish(&user, &end.message_id, &end).await.unwrap();
+    producer.settlement(&user, "s-open").await.expect("the stream settles");
+    let (_, metrics) = get(&address, "/metrics").await;
+    assert!(metrics.contains("stream_credits_holds_open 0"), "{metrics}");
+    assert!(metrics.contains("stream_credits_settle_latency_seconds_count 1"), "{metrics}");
+    assert!(
+        metrics.contains("stream_credits_settle_latency_seconds_bucket{le=\"30\"} 1"),
+        "{metrics}"
+    );
 
     shutdown.cancel();
     running.await.unwrap().expect("the worker stops cleanly");
@@ -116,7 +140,7 @@ async fn endpoint_serves_accounts_and_metrics() {
 
 /// Deletes the test's queues and exchanges.
 async fn remove_topology(settings: &Settings) {
-    let connection = stream_credits::broker::connect(&settings.amqp.url, "http test cleanup")
+    let connection = stream_credits::broker::connect(&settings.amqp, "http test cleanup")
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();

@@ -1,5 +1,6 @@
-//! `usage.over_reservation` is sent once, when the counted usage first
-//! costs more than the hold.
+//! With hold growth off, `usage.over_reservation` is sent once, when the
+//! counted usage first costs more than the hold. tests/growing_holds.rs
+//! covers the signal of a hold that cannot grow.
 
 mod common;
 
@@ -24,7 +25,10 @@ const FINAL_COST: i64 = 72;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_reservation_sent_once() {
-    let harness = Harness::start("overres", |_| {}).await;
+    let harness = Harness::start("overres", |settings| {
+        settings.reservations.growth = false;
+    })
+    .await;
     harness.fund(USER, "g-1", BALANCE).await;
 
     let reply = harness

@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 use stream_credits::accounts::AccountDetail;
 use stream_credits::messages::{
     self, ChunkEmitted, CreditsGranted, EndStatus, Inbound, PromptInput, ReservationAdjusted,
-    ReservationDenied, ReservationGranted, ReservationSettled, StreamEnded, StreamStarted,
-    UsageOverReservation,
+    ReservationDenied, ReservationExtended, ReservationGranted, ReservationSettled, StreamEnded,
+    StreamStarted, UsageOverReservation,
 };
 use stream_credits::settings::Settings;
 
@@ -175,6 +175,11 @@ fn reservation_adjusted_schema_matches_file() {
 #[test]
 fn usage_over_reservation_schema_matches_file() {
     check_schema_file::<UsageOverReservation>("usage.over_reservation");
+}
+
+#[test]
+fn reservation_extended_schema_matches_file() {
+    check_schema_file::<ReservationExtended>("reservation.extended");
 }
 
 #[test]

@@ -28,6 +28,21 @@ pub struct Conversation {
     pub answer: String,
 }
 
+impl Conversation {
+    /// Returns the turns before the answer as the messages of a
+    /// `stream.started`.
+    pub fn prompt_messages(&self) -> Vec<crate::messages::ChatMessage> {
+        self.history
+            .iter()
+            .map(|turn| crate::messages::ChatMessage {
+                role: turn.role.clone(),
+                content: turn.content.clone(),
+                name: None,
+            })
+            .collect()
+    }
+}
+
 #[derive(Deserialize)]
 struct TreeLine {
     message_tree_id: String,

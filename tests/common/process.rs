@@ -1049,3 +1049,791 @@ fn event_id(event: &Value) -> String {
         .unwrap_or_else(|| panic!("event without event_id: {event}"))
         .to_owned()
 }
+
+// TLS: certificates made by the test, a TLS-terminating proxy, and
+// PostgreSQL clusters that accept only TLS connections.
+
+use sqlx::{Connection as _, PgConnection};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+/// Host names the test server certificates are valid for.
+const TEST_SERVER_NAMES: [&str; 2] = ["localhost", "127.0.0.1"];
+
+/// A certificate authority made for one test and a server certificate it
+/// signed for `localhost` and `127.0.0.1`, written as PEM files.
+pub struct TestCertificates {
+    /// The CA certificate, for clients to trust.
+    pub ca_file: PathBuf,
+    /// The server certificate alone, without the CA.
+    pub certificate_file: PathBuf,
+    /// The server's PKCS#8 private key.
+    pub key_file: PathBuf,
+    certificate_der: CertificateDer<'static>,
+    key_der: Vec<u8>,
+}
+
+impl TestCertificates {
+    /// Generates a CA named `name` and a server certificate, and writes
+    /// `{name}-ca.pem`, `{name}-server.pem` and `{name}-server.key` to
+    /// `directory`. The key file is readable by its owner only, as
+    /// PostgreSQL requires.
+    pub fn generate(directory: &Path, name: &str) -> Self {
+        let ca_key = rcgen::KeyPair::generate().expect("generate the CA key");
+        let mut ca_params =
+            rcgen::CertificateParams::new(Vec::<String>::new()).expect("build CA parameters");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            format!("stream-credits test CA {name}"),
+        );
+        ca_params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key)
+            .expect("sign the CA certificate");
+
+        let server_key = rcgen::KeyPair::generate().expect("generate the server key");
+        let names: Vec<String> = TEST_SERVER_NAMES
+            .iter()
+            .map(|name| name.to_string())
+            .collect();
+        let mut server_params =
+            rcgen::CertificateParams::new(names).expect("build server certificate parameters");
+        server_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "localhost");
+        server_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let server = server_params
+            .signed_by(&server_key, &ca)
+            .expect("sign the server certificate");
+
+        let certificates = Self {
+            ca_file: directory.join(format!("{name}-ca.pem")),
+            certificate_file: directory.join(format!("{name}-server.pem")),
+            key_file: directory.join(format!("{name}-server.key")),
+            certificate_der: server.der().clone(),
+            key_der: server_key.serialize_der(),
+        };
+        write_file(&certificates.ca_file, &ca.pem(), 0o644);
+        write_file(&certificates.certificate_file, &server.pem(), 0o644);
+        write_file(&certificates.key_file, &server_key.serialize_pem(), 0o600);
+        certificates
+    }
+
+    /// Builds a rustls server configuration that presents the server
+    /// certificate.
+    fn server_config(&self) -> Arc<ServerConfig> {
+        // Both ring and aws-lc-rs are compiled into rustls here, so the
+        // provider is named rather than left to rustls to pick.
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()));
+        let config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![self.certificate_der.clone()], key)
+            .expect("build the TLS server configuration");
+        Arc::new(config)
+    }
+}
+
+fn write_file(path: &Path, contents: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+
+    std::fs::write(path, contents)
+        .unwrap_or_else(|error| panic!("cannot write {}: {error}", path.display()));
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|error| panic!("cannot set the mode of {}: {error}", path.display()));
+}
+
+/// A loopback proxy that terminates TLS with a test certificate and
+/// forwards the plain bytes to one target address, standing in for a
+/// server's own TLS listener.
+pub struct TlsProxy {
+    address: SocketAddr,
+    handshakes: Arc<AtomicUsize>,
+    failed_handshakes: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl TlsProxy {
+    /// Listens on a free loopback port and forwards to `target`.
+    pub async fn start(target: &str, certificates: &TestCertificates) -> Self {
+        let acceptor = TlsAcceptor::from(certificates.server_config());
+        let handshakes = Arc::new(AtomicUsize::new(0));
+        let failed_handshakes = Arc::new(AtomicUsize::new(0));
+        let (counted, failed) = (handshakes.clone(), failed_handshakes.clone());
+        let target = target.to_owned();
+        let (address, stop) = serve_loopback("the TLS proxy", move |client| {
+            let connection = TlsConnection {
+                acceptor: acceptor.clone(),
+                target: target.clone(),
+                handshakes: counted.clone(),
+                failed_handshakes: failed.clone(),
+            };
+            connection.forward(client)
+        })
+        .await;
+        Self {
+            address,
+            handshakes,
+            failed_handshakes,
+            stop,
+        }
+    }
+
+    /// Returns the proxy's own address, `127.0.0.1:port`.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Returns the number of TLS handshakes that succeeded.
+    pub fn handshakes(&self) -> usize {
+        self.handshakes.load(Ordering::SeqCst)
+    }
+
+    /// Returns the number of TLS handshakes that failed, for example
+    /// because the client did not trust the certificate.
+    pub fn failed_handshakes(&self) -> usize {
+        self.failed_handshakes.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Binds a free loopback port for `server` and runs `handle` on every
+/// connection accepted, each in a task of its own, until the returned
+/// token is cancelled.
+async fn serve_loopback<F, H>(server: &str, mut handle: H) -> (SocketAddr, CancellationToken)
+where
+    F: Future<Output = ()> + Send + 'static,
+    H: FnMut(TcpStream) -> F + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|error| panic!("cannot bind {server} to a loopback port: {error}"));
+    let address = listener.local_addr().expect("read a bound address");
+    let stop = CancellationToken::new();
+    let accepting = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = accepting.cancelled() => return,
+            };
+            let Ok((client, _)) = accepted else {
+                return;
+            };
+            let connection = handle(client);
+            let stop = accepting.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = connection => {}
+                    () = stop.cancelled() => {}
+                }
+            });
+        }
+    });
+    (address, stop)
+}
+
+/// One client connection of a [`TlsProxy`].
+struct TlsConnection {
+    acceptor: TlsAcceptor,
+    target: String,
+    handshakes: Arc<AtomicUsize>,
+    failed_handshakes: Arc<AtomicUsize>,
+}
+
+impl TlsConnection {
+    /// Completes the handshake, then copies bytes both ways until either
+    /// side closes.
+    async fn forward(self, client: TcpStream) {
+        let mut tls = match self.acceptor.accept(client).await {
+            Ok(tls) => tls,
+            Err(_) => {
+                self.failed_handshakes.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+        };
+        self.handshakes.fetch_add(1, Ordering::SeqCst);
+        let connected =
+            tokio::time::timeout(PROXY_CONNECT_WAIT, TcpStream::connect(&self.target)).await;
+        let Ok(Ok(mut server)) = connected else {
+            return;
+        };
+        let _ = server.set_nodelay(true);
+        let _ = copy_bidirectional(&mut tls, &mut server).await;
+    }
+}
+
+/// Maximum wait for a cluster to take TLS connections after a reload.
+const TLS_RELOAD_WAIT: Duration = Duration::from_secs(10);
+
+impl PgCluster {
+    /// Turns TLS on with `certificates` and makes the server accept TCP
+    /// connections only over TLS, by reloading its configuration. Unix
+    /// socket connections stay plain.
+    pub async fn enable_tls(&self, certificates: &TestCertificates) {
+        // The server reads the key as its own OS user, who must own it.
+        for file in [&certificates.certificate_file, &certificates.key_file] {
+            if let Some(owner) = self.owner {
+                let mut chown = Command::new("chown");
+                chown.arg(owner).arg(file);
+                self.run("chown", chown).await;
+            }
+        }
+        let rules = "local all all trust\nhostssl all all 127.0.0.1/32 trust\n";
+        std::fs::write(self.data.join("pg_hba.conf"), rules).expect("write pg_hba.conf");
+
+        let mut conn = PgConnection::connect(&self.url("postgres"))
+            .await
+            .expect("connect to the test cluster");
+        // ALTER SYSTEM takes no bind parameters and runs outside a
+        // transaction, so each is a statement of its own. The paths are
+        // the test's own and contain no quote.
+        let statements = [
+            format!(
+                "ALTER SYSTEM SET ssl_cert_file = '{}'",
+                certificates.certificate_file.display()
+            ),
+            format!(
+                "ALTER SYSTEM SET ssl_key_file = '{}'",
+                certificates.key_file.display()
+            ),
+            "ALTER SYSTEM SET ssl = on".to_owned(),
+            "SELECT pg_reload_conf()".to_owned(),
+        ];
+        for statement in statements {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(statement.as_str()))
+                .execute(&mut conn)
+                .await
+                .unwrap_or_else(|error| panic!("{statement}: {error}"));
+        }
+        let _ = conn.close().await;
+        self.wait_for_tls().await;
+    }
+
+    /// Waits until a connection that requires TLS succeeds, because the
+    /// server applies a reload a moment after it was requested.
+    async fn wait_for_tls(&self) {
+        let url = format!("{}?sslmode=require", self.url("postgres"));
+        let deadline = tokio::time::Instant::now() + TLS_RELOAD_WAIT;
+        loop {
+            let error = match PgConnection::connect(&url).await {
+                Ok(conn) => {
+                    let _ = conn.close().await;
+                    return;
+                }
+                Err(error) => error,
+            };
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the test cluster took no TLS connection within {TLS_RELOAD_WAIT:?} of the \
+                 reload: {error}; see {}",
+                self.log_path().display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A short load for tests of a connection path: it checks that streams
+/// settle through the path, not how the worker bears faults.
+pub const BRIEF_LOAD: LoadShape = LoadShape {
+    users: 6,
+    chunks_per_stream: 12,
+    tick: Duration::from_millis(40),
+    wind_down_max: Duration::from_secs(20),
+};
+
+/// How long [`settle_brief_load`] publishes.
+const BRIEF_LOAD_DURATION: Duration = Duration::from_secs(3);
+
+/// Maximum wait for the streams of a brief load to settle.
+const BRIEF_SETTLE_WAIT: Duration = Duration::from_secs(30);
+
+/// Funds users named after `tag`, publishes [`BRIEF_LOAD`] for 3 s and
+/// checks that every stream settled exactly once in the database that
+/// `pool` reaches.
+pub async fn settle_brief_load(harness: &Arc<Harness>, pool: &PgPool, tag: &str) {
+    let users = Load::fund(harness, tag, BRIEF_LOAD).await;
+    let load = Load::start(harness.clone(), users, BRIEF_LOAD);
+    tokio::time::sleep(BRIEF_LOAD_DURATION).await;
+    let published = load.finish().await;
+    assert_settled_exactly_once(harness, pool, &published, BRIEF_SETTLE_WAIT).await;
+}
+
+/// Checks the ledger invariants over the whole database at `url`, for a
+/// database the harness does not reach itself.
+pub async fn assert_invariants_hold(url: &str) {
+    let mut conn = PgConnection::connect(url)
+        .await
+        .expect("connect for the invariant checks");
+    let violations = stream_credits::invariants::check(&mut conn)
+        .await
+        .expect("run the invariant checks");
+    assert!(
+        violations.is_empty(),
+        "ledger invariants are broken: {violations:#?}"
+    );
+    let _ = conn.close().await;
+}
+
+/// Returns the name of the database that `settings.database.url` names.
+pub fn database_name(settings: &Settings) -> String {
+    let url = url::Url::parse(settings.database.url.expose()).expect("the database URL parses");
+    url.path().trim_start_matches('/').to_owned()
+}
+
+/// Returns the stdout and stderr of a finished command, after checking
+/// that neither contains `secret`.
+pub fn output_without_secret(
+    command: &str,
+    output: &std::process::Output,
+    secret: &str,
+) -> (String, String) {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        !stdout.contains(secret),
+        "`{command}` printed the secret on stdout:\n{stdout}"
+    );
+    assert!(
+        !stderr.contains(secret),
+        "`{command}` printed the secret on stderr:\n{stderr}"
+    );
+    (stdout, stderr)
+}
+
+// An AMQP 0-9-1 proxy that reads the frames passing through it, to see
+// every delivery, acknowledgement and close between worker and broker.
+
+use std::sync::Mutex;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+/// Frame type of an AMQP 0-9-1 method frame.
+const FRAME_METHOD: u8 = 1;
+
+/// Byte that ends every AMQP 0-9-1 frame.
+const FRAME_END: u8 = 0xCE;
+
+/// Frame type, channel and payload size: 1 + 2 + 4 bytes.
+const FRAME_HEADER_LEN: usize = 7;
+
+/// `AMQP\0\0\x09\x01`, which a client sends before its first frame.
+const PROTOCOL_HEADER_LEN: usize = 8;
+
+/// Bytes read from one side before they are parsed and passed on.
+const TAP_BUFFER_LEN: usize = 64 * 1024;
+
+/// A close the broker sent: `connection.close` on channel 0 or
+/// `channel.close` on another channel.
+#[derive(Debug, Clone)]
+pub struct BrokerClose {
+    /// Number of the TCP connection through the tap, from 0.
+    pub connection: usize,
+    pub channel: u16,
+    /// AMQP reply code, such as 406 PRECONDITION_FAILED.
+    pub reply_code: u16,
+    pub reply_text: String,
+}
+
+/// What an [`AmqpTap`] saw, summed over every connection.
+#[derive(Debug, Clone, Default)]
+pub struct TapReport {
+    pub connections: usize,
+    /// `basic.deliver` frames from the broker.
+    pub deliveries: usize,
+    /// Deliveries with the `redelivered` flag, which the broker sets on a
+    /// message that went back to its queue unacknowledged.
+    pub redeliveries: usize,
+    /// `basic.ack`, `basic.nack` and `basic.reject` frames from the client.
+    pub settlements: usize,
+    /// Acknowledgements with the `multiple` flag.
+    pub multiple_acks: usize,
+    pub broker_closes: Vec<BrokerClose>,
+    /// Acknowledgements, nacks or rejects of a delivery tag that was not
+    /// outstanding on its channel: never delivered, or settled before.
+    pub unknown_tags: Vec<String>,
+    /// Bytes that did not parse as AMQP frames. Parsing stops on that
+    /// connection.
+    pub framing_errors: Vec<String>,
+}
+
+/// Outstanding delivery tags of one channel.
+#[derive(Debug, Default)]
+struct ChannelTags {
+    outstanding: BTreeSet<u64>,
+    /// Set once a close was sent either way; the channel's frames are
+    /// ignored until it is opened again.
+    closing: bool,
+}
+
+#[derive(Debug, Default)]
+struct TapState {
+    report: TapReport,
+    /// Channels by connection and channel number.
+    channels: HashMap<(usize, u16), ChannelTags>,
+}
+
+/// Which way a frame travelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    ToBroker,
+    ToClient,
+}
+
+/// A loopback proxy to an AMQP 0-9-1 server that parses the frames it
+/// forwards. It tracks the outstanding delivery tags of every channel, so
+/// it detects an acknowledgement of a tag that is not outstanding even
+/// before the broker replies with a `channel.close`.
+pub struct AmqpTap {
+    address: SocketAddr,
+    state: Arc<Mutex<TapState>>,
+    stop: CancellationToken,
+}
+
+impl AmqpTap {
+    /// Listens on a free loopback port and forwards to `target`.
+    pub async fn start(target: &str) -> Self {
+        let state = Arc::new(Mutex::new(TapState::default()));
+        let shared = state.clone();
+        let target = target.to_owned();
+        let (address, stop) = serve_loopback("the AMQP tap", move |client| {
+            let connection = {
+                let mut state = shared.lock().expect("tap state lock");
+                state.report.connections += 1;
+                state.report.connections - 1
+            };
+            tap_connection(client, target.clone(), shared.clone(), connection)
+        })
+        .await;
+        Self {
+            address,
+            state,
+            stop,
+        }
+    }
+
+    /// Returns the tap's own address, `127.0.0.1:port`.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Returns what the tap saw so far.
+    pub fn report(&self) -> TapReport {
+        self.state.lock().expect("tap state lock").report.clone()
+    }
+}
+
+impl Drop for AmqpTap {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Forwards one connection both ways until either side closes.
+async fn tap_connection(
+    client: TcpStream,
+    target: String,
+    state: Arc<Mutex<TapState>>,
+    connection: usize,
+) {
+    let connected = tokio::time::timeout(PROXY_CONNECT_WAIT, TcpStream::connect(&target)).await;
+    let Ok(Ok(server)) = connected else {
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
+    let to_broker = TapRelay {
+        direction: Direction::ToBroker,
+        connection,
+        state: state.clone(),
+        frames: FrameSplitter::new(PROTOCOL_HEADER_LEN),
+    };
+    let to_client = TapRelay {
+        direction: Direction::ToClient,
+        connection,
+        state,
+        frames: FrameSplitter::new(0),
+    };
+    // Dropping both halves of both sockets when either way ends closes
+    // the other side too.
+    tokio::select! {
+        () = to_broker.run(client_read, server_write) => {}
+        () = to_client.run(server_read, client_write) => {}
+    }
+}
+
+/// One way of a tapped connection.
+struct TapRelay {
+    direction: Direction,
+    connection: usize,
+    state: Arc<Mutex<TapState>>,
+    frames: FrameSplitter,
+}
+
+impl TapRelay {
+    /// Parses what arrives before passing it on, so a delivery is
+    /// recorded before the client can acknowledge it.
+    async fn run(mut self, mut from: OwnedReadHalf, mut to: OwnedWriteHalf) {
+        let mut buffer = vec![0; TAP_BUFFER_LEN];
+        let mut parsing = true;
+        loop {
+            let read = match from.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => read,
+            };
+            if parsing {
+                let mut state = self.state.lock().expect("tap state lock");
+                let recorded = self.frames.push(&buffer[..read]).and_then(|methods| {
+                    methods.into_iter().try_for_each(|method| {
+                        state.record(self.direction, self.connection, method)
+                    })
+                });
+                if let Err(error) = recorded {
+                    let error = format!(
+                        "connection {}, {:?}: {error}",
+                        self.connection, self.direction
+                    );
+                    state.report.framing_errors.push(error);
+                    parsing = false;
+                }
+            }
+            if to.write_all(&buffer[..read]).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// One method frame.
+#[derive(Debug)]
+struct MethodFrame {
+    channel: u16,
+    class_id: u16,
+    method_id: u16,
+    arguments: Vec<u8>,
+}
+
+/// Splits a byte stream into frames, keeping a partial frame until the
+/// rest arrives.
+struct FrameSplitter {
+    pending: Vec<u8>,
+    /// Bytes of the protocol header still to skip.
+    header_left: usize,
+}
+
+impl FrameSplitter {
+    fn new(header_len: usize) -> Self {
+        Self {
+            pending: Vec::new(),
+            header_left: header_len,
+        }
+    }
+
+    /// Appends `bytes` and returns the method frames now complete.
+    fn push(&mut self, bytes: &[u8]) -> Result<Vec<MethodFrame>, String> {
+        let skipped = self.header_left.min(bytes.len());
+        self.header_left -= skipped;
+        self.pending.extend_from_slice(&bytes[skipped..]);
+
+        let mut methods = Vec::new();
+        let mut offset = 0;
+        while self.pending.len() - offset >= FRAME_HEADER_LEN {
+            let frame = &self.pending[offset..];
+            let size = u32::from_be_bytes([frame[3], frame[4], frame[5], frame[6]]) as usize;
+            let frame_len = FRAME_HEADER_LEN + size + 1;
+            if frame.len() < frame_len {
+                break;
+            }
+            if frame[frame_len - 1] != FRAME_END {
+                return Err(format!(
+                    "a frame of type {} and {size} bytes does not end with 0xCE",
+                    frame[0]
+                ));
+            }
+            let payload = &frame[FRAME_HEADER_LEN..FRAME_HEADER_LEN + size];
+            if frame[0] == FRAME_METHOD && payload.len() >= 4 {
+                methods.push(MethodFrame {
+                    channel: u16::from_be_bytes([frame[1], frame[2]]),
+                    class_id: u16::from_be_bytes([payload[0], payload[1]]),
+                    method_id: u16::from_be_bytes([payload[2], payload[3]]),
+                    arguments: payload[4..].to_vec(),
+                });
+            }
+            offset += frame_len;
+        }
+        self.pending.drain(..offset);
+        Ok(methods)
+    }
+}
+
+/// Reads the fields of a method's arguments in order.
+struct ArgumentReader<'a> {
+    bytes: &'a [u8],
+}
+
+impl ArgumentReader<'_> {
+    fn take(&mut self, len: usize) -> Result<&[u8], String> {
+        if self.bytes.len() < len {
+            return Err(format!("a method frame ends {len} bytes early"));
+        }
+        let (field, rest) = self.bytes.split_at(len);
+        self.bytes = rest;
+        Ok(field)
+    }
+
+    fn octet(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn short(&mut self) -> Result<u16, String> {
+        let field = self.take(2)?;
+        Ok(u16::from_be_bytes([field[0], field[1]]))
+    }
+
+    fn long_long(&mut self) -> Result<u64, String> {
+        let field: [u8; 8] = self.take(8)?.try_into().expect("take returns 8 bytes");
+        Ok(u64::from_be_bytes(field))
+    }
+
+    fn short_string(&mut self) -> Result<String, String> {
+        let len = usize::from(self.octet()?);
+        Ok(String::from_utf8_lossy(self.take(len)?).into_owned())
+    }
+}
+
+/// AMQP 0-9-1 class and method ids, as (class, method).
+mod amqp_method {
+    pub const CONNECTION_CLOSE: (u16, u16) = (10, 50);
+    pub const CHANNEL_OPEN: (u16, u16) = (20, 10);
+    pub const CHANNEL_OPEN_OK: (u16, u16) = (20, 11);
+    pub const CHANNEL_CLOSE: (u16, u16) = (20, 40);
+    pub const BASIC_DELIVER: (u16, u16) = (60, 60);
+    pub const BASIC_GET_OK: (u16, u16) = (60, 71);
+    pub const BASIC_ACK: (u16, u16) = (60, 80);
+    pub const BASIC_REJECT: (u16, u16) = (60, 90);
+    pub const BASIC_NACK: (u16, u16) = (60, 120);
+}
+
+impl TapState {
+    fn record(
+        &mut self,
+        direction: Direction,
+        connection: usize,
+        method: MethodFrame,
+    ) -> Result<(), String> {
+        use amqp_method::*;
+
+        let key = (connection, method.channel);
+        let mut arguments = ArgumentReader {
+            bytes: &method.arguments,
+        };
+        match (direction, (method.class_id, method.method_id)) {
+            (_, CHANNEL_OPEN | CHANNEL_OPEN_OK) => {
+                self.channels.insert(key, ChannelTags::default());
+            }
+            (Direction::ToClient, CONNECTION_CLOSE | CHANNEL_CLOSE) => {
+                let reply_code = arguments.short()?;
+                let reply_text = arguments.short_string()?;
+                self.report.broker_closes.push(BrokerClose {
+                    connection,
+                    channel: method.channel,
+                    reply_code,
+                    reply_text,
+                });
+                self.channels.entry(key).or_default().closing = true;
+            }
+            (Direction::ToBroker, CHANNEL_CLOSE) => {
+                self.channels.entry(key).or_default().closing = true;
+            }
+            (Direction::ToClient, BASIC_DELIVER) => {
+                let _consumer_tag = arguments.short_string()?;
+                let tag = arguments.long_long()?;
+                let redelivered = arguments.octet()? & 1 == 1;
+                self.record_delivery(key, tag, redelivered);
+            }
+            (Direction::ToClient, BASIC_GET_OK) => {
+                let tag = arguments.long_long()?;
+                let redelivered = arguments.octet()? & 1 == 1;
+                self.record_delivery(key, tag, redelivered);
+            }
+            (Direction::ToBroker, BASIC_ACK) => {
+                let tag = arguments.long_long()?;
+                let multiple = arguments.octet()? & 1 == 1;
+                self.record_settlement(key, "basic.ack", tag, multiple);
+            }
+            (Direction::ToBroker, BASIC_NACK) => {
+                let tag = arguments.long_long()?;
+                let multiple = arguments.octet()? & 1 == 1;
+                self.record_settlement(key, "basic.nack", tag, multiple);
+            }
+            (Direction::ToBroker, BASIC_REJECT) => {
+                let tag = arguments.long_long()?;
+                self.record_settlement(key, "basic.reject", tag, false);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn record_delivery(&mut self, key: (usize, u16), tag: u64, redelivered: bool) {
+        self.report.deliveries += 1;
+        if redelivered {
+            self.report.redeliveries += 1;
+        }
+        self.channels
+            .entry(key)
+            .or_default()
+            .outstanding
+            .insert(tag);
+    }
+
+    /// Settles `tag`, or with `multiple` every outstanding tag up to it.
+    /// Like RabbitMQ, it takes `tag` itself to be outstanding unless it is
+    /// 0 with `multiple`, which settles everything.
+    fn record_settlement(&mut self, key: (usize, u16), name: &str, tag: u64, multiple: bool) {
+        self.report.settlements += 1;
+        if multiple {
+            self.report.multiple_acks += 1;
+        }
+        let channel = self.channels.entry(key).or_default();
+        if channel.closing {
+            return;
+        }
+        if multiple && tag == 0 {
+            channel.outstanding.clear();
+            return;
+        }
+        if !channel.outstanding.contains(&tag) {
+            let (connection, channel_number) = key;
+            self.report.unknown_tags.push(format!(
+                "connection {connection}, channel {channel_number}: {name} of delivery tag \
+                 {tag} (multiple: {multiple}), which is not outstanding; outstanding are {} \
+                 tags from {:?} to {:?}",
+                channel.outstanding.len(),
+                channel.outstanding.first(),
+                channel.outstanding.last()
+            ));
+            return;
+        }
+        if multiple {
+            channel.outstanding = channel.outstanding.split_off(&(tag + 1));
+        } else {
+            channel.outstanding.remove(&tag);
+        }
+    }
+}
