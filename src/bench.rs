@@ -641,6 +641,8 @@ async fn pgbench(settings: &Settings, pool: &PgPool) -> Result<f64, Failure> {
     .execute(pool)
     .await?;
     let script = std::env::temp_dir().join(format!("stream-credits-pgbench-{}.sql", std::process::id()));
+    // Its outbox rows are written as published, or the worker's relay,
+    // still running, would send them to the broker.
     std::fs::write(
         &script,
         "\\set u random(0, 199)\n\
@@ -648,8 +650,8 @@ async fn pgbench(settings: &Settings, pool: &PgPool) -> Result<f64, Failure> {
          INSERT INTO processed_messages (user_id, message_id, kind) VALUES ('pgbench', gen_random_uuid()::text, 'stream.started');\n\
          UPDATE pgbench_accounts_copy SET reserved = reserved + 10, holds_open = holds_open + 1 \
          WHERE user_id = 'bench-' || :u AND balance - reserved >= 10;\n\
-         INSERT INTO outbox (event_id, destination, routing_key, event_type, body) \
-         VALUES (gen_random_uuid(), 'event', 'pgbench', 'pgbench', '{}');\n\
+         INSERT INTO outbox (event_id, destination, routing_key, event_type, body, published_at) \
+         VALUES (gen_random_uuid(), 'event', 'pgbench', 'pgbench', '{}', now());\n\
          COMMIT;\n",
     )?;
     // The benchmark users are named bench-<run>-u<i>; pgbench addresses

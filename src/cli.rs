@@ -152,8 +152,24 @@ pub fn main() -> ExitCode {
 }
 
 fn report(failure: Failure) -> ExitCode {
-    eprintln!("error: {:#}", failure.error);
+    eprintln!("error: {}", error_chain_text(&failure.error));
     ExitCode::from(failure.code)
+}
+
+/// Joins an error and its causes with `: `, leaving out a cause whose
+/// text is already shown. Many errors, sqlx's among them, put their
+/// cause in their own message and also return it as their source.
+fn error_chain_text(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.is_empty() {
+            text = cause;
+        } else if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+    }
+    text
 }
 
 /// Runs one command with loaded settings.

@@ -7,7 +7,12 @@
 //! with publisher confirms before it is removed, so a crash in between
 //! leaves a copy in both places, never in neither, and the idempotency
 //! keys make the extra copy harmless.
+//!
+//! Every command works on the letters sorted by dead-letter id, because
+//! reading by `basic.get` and returning the letters reorders the queue.
+//! The queue order therefore differs from one command to the next.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use clap::{Args, Subcommand};
@@ -32,7 +37,7 @@ pub const SCAN_MAX: usize = 100_000;
 pub enum DlqCommand {
     /// List dead letters with their reasons.
     List(ListArgs),
-    /// Print one dead letter: headers and original body.
+    /// Print one dead letter: AMQP properties, headers and original body.
     Show(ShowArgs),
     /// Publish dead letters back to the events exchange, then remove them.
     Replay(ReplayArgs),
@@ -156,18 +161,31 @@ async fn close(channel: &Channel, connection: &lapin::Connection) {
     let _ = tokio::time::timeout(bound, connection.close(200, "done".into())).await;
 }
 
+/// Reads up to [`SCAN_MAX`] letters unacknowledged and sorts them by
+/// dead-letter id.
 async fn fetch_all(channel: &Channel, names: &Names) -> Result<Vec<BasicGetMessage>, Failure> {
     let mut letters = Vec::new();
     while letters.len() < SCAN_MAX {
         let message = channel
-            .basic_get(names.dead.as_str().into(), BasicGetOptions { no_ack: false })
+            .basic_get(
+                names.dead.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
             .await?;
         match message {
             Some(message) => letters.push(message),
             None => break,
         }
     }
+    letters.sort_by_cached_key(letter_id);
     Ok(letters)
+}
+
+/// Returns the id that `dlq show`, `replay` and `purge` take: our header,
+/// else a hash for a letter the broker dead-lettered.
+fn letter_id(letter: &BasicGetMessage) -> String {
+    let headers = letter.delivery.properties.headers().as_ref();
+    broker::header_text(headers, HEADER_DEAD_LETTER_ID).unwrap_or_else(|| broker_letter_id(letter))
 }
 
 fn view(letter: &BasicGetMessage) -> DeadLetterView {
@@ -181,7 +199,7 @@ fn view(letter: &BasicGetMessage) -> DeadLetterView {
             .map(str::to_owned)
     };
     DeadLetterView {
-        id: broker::header_text(headers, HEADER_DEAD_LETTER_ID).unwrap_or_else(|| broker_letter_id(letter)),
+        id: letter_id(letter),
         reason: ours
             .clone()
             .unwrap_or_else(|| RejectReason::RetriesExhausted.code().to_owned()),
@@ -227,24 +245,37 @@ fn original_routing_key(letter: &BasicGetMessage) -> String {
     if let Some(key) = broker::header_text(headers, HEADER_ROUTING_KEY) {
         return key;
     }
-    let from_death = first_death(letter).and_then(|death| match death.inner().get("routing-keys")? {
-        AMQPValue::FieldArray(keys) => match keys.as_slice().first()? {
-            AMQPValue::LongString(key) => Some(String::from_utf8_lossy(key.as_bytes()).into_owned()),
+    let from_death =
+        first_death(letter).and_then(|death| match death.inner().get("routing-keys")? {
+            AMQPValue::FieldArray(keys) => match keys.as_slice().first()? {
+                AMQPValue::LongString(key) => {
+                    Some(String::from_utf8_lossy(key.as_bytes()).into_owned())
+                }
+                _ => None,
+            },
             _ => None,
-        },
-        _ => None,
-    });
+        });
     from_death.unwrap_or_else(|| letter.delivery.routing_key.as_str().to_owned())
 }
 
 fn list(letters: &[BasicGetMessage], args: &ListArgs) -> Result<(), Failure> {
     let views: Vec<DeadLetterView> = letters.iter().take(args.limit).map(view).collect();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&views).expect("views serialize"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&views).expect("views serialize")
+        );
         return Ok(());
     }
     let mut table = comfy_table::Table::new();
-    table.set_header(["id", "reason", "routing key", "type", "message_id", "detail"]);
+    table.set_header([
+        "id",
+        "reason",
+        "routing key",
+        "type",
+        "message_id",
+        "detail",
+    ]);
     for item in &views {
         table.add_row([
             item.id.clone(),
@@ -256,22 +287,155 @@ fn list(letters: &[BasicGetMessage], args: &ListArgs) -> Result<(), Failure> {
         ]);
     }
     println!("{table}");
-    eprintln!("{} of {} dead letters shown", views.len(), letters.len());
+    eprintln!("{} of {} shown", views.len(), count_letters(letters.len()));
     Ok(())
 }
 
+/// Prints the summary `dlq list` prints, then the letter as it is stored:
+/// the AMQP properties it carries, every header and the body. Nothing is
+/// added to the properties or headers.
 fn show(letters: &[BasicGetMessage], id: &str) -> Result<(), Failure> {
     let letter = letters
         .iter()
-        .find(|letter| view(letter).id == id)
-        .ok_or_else(|| anyhow::anyhow!("dead letter `{id}` not found; `dlq list` shows the ids"))?;
+        .find(|letter| letter_id(letter) == id)
+        .ok_or_else(|| not_found(&[id.to_owned()]))?;
+    let properties = &letter.delivery.properties;
     let body = match serde_json::from_slice::<serde_json::Value>(&letter.delivery.data) {
         Ok(json) => json,
-        Err(_) => serde_json::Value::String(String::from_utf8_lossy(&letter.delivery.data).into_owned()),
+        Err(_) => {
+            serde_json::Value::String(String::from_utf8_lossy(&letter.delivery.data).into_owned())
+        }
     };
-    let output = serde_json::json!({ "dead_letter": view(letter), "body": body });
-    println!("{}", serde_json::to_string_pretty(&output).expect("JSON serializes"));
+    let headers = properties
+        .headers()
+        .as_ref()
+        .map_or_else(Default::default, table_json);
+    let output = serde_json::json!({
+        "dead_letter": view(letter),
+        "properties": properties_json(properties),
+        "headers": headers,
+        "body": body,
+    });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&output).expect("JSON serializes")
+    );
     Ok(())
+}
+
+/// Converts the AMQP properties other than the headers to a JSON object,
+/// leaving out the ones the letter does not carry. `type` is the AMQP
+/// name of what lapin calls `kind`.
+fn properties_json(properties: &BasicProperties) -> serde_json::Value {
+    let mut fields = serde_json::Map::new();
+    let texts = [
+        ("content_type", properties.content_type()),
+        ("content_encoding", properties.content_encoding()),
+        ("correlation_id", properties.correlation_id()),
+        ("reply_to", properties.reply_to()),
+        ("expiration", properties.expiration()),
+        ("message_id", properties.message_id()),
+        ("type", properties.kind()),
+        ("user_id", properties.user_id()),
+        ("app_id", properties.app_id()),
+        ("cluster_id", properties.cluster_id()),
+    ];
+    for (name, value) in texts {
+        if let Some(value) = value {
+            fields.insert(name.to_owned(), value.as_str().into());
+        }
+    }
+    if let Some(mode) = properties.delivery_mode() {
+        fields.insert("delivery_mode".to_owned(), (*mode).into());
+    }
+    if let Some(priority) = properties.priority() {
+        fields.insert("priority".to_owned(), (*priority).into());
+    }
+    if let Some(seconds) = properties.timestamp() {
+        fields.insert("timestamp".to_owned(), (*seconds).into());
+    }
+    serde_json::Value::Object(fields)
+}
+
+fn table_json(table: &FieldTable) -> serde_json::Value {
+    let fields = table
+        .inner()
+        .iter()
+        .map(|(key, value)| (key.as_str().to_owned(), field_json(value)));
+    serde_json::Value::Object(fields.collect())
+}
+
+/// Converts one AMQP field value to JSON. Strings with invalid UTF-8 have
+/// those bytes replaced, timestamps stay seconds since the Unix epoch, a
+/// byte array becomes an array of numbers and a decimal becomes its scale
+/// and unscaled value.
+fn field_json(value: &AMQPValue) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        AMQPValue::Boolean(flag) => Value::from(*flag),
+        AMQPValue::ShortShortInt(number) => Value::from(*number),
+        AMQPValue::ShortShortUInt(number) => Value::from(*number),
+        AMQPValue::ShortInt(number) => Value::from(*number),
+        AMQPValue::ShortUInt(number) => Value::from(*number),
+        AMQPValue::LongInt(number) => Value::from(*number),
+        AMQPValue::LongUInt(number) => Value::from(*number),
+        AMQPValue::LongLongInt(number) => Value::from(*number),
+        AMQPValue::Timestamp(seconds) => Value::from(*seconds),
+        AMQPValue::Float(number) => Value::from(*number),
+        AMQPValue::Double(number) => Value::from(*number),
+        AMQPValue::DecimalValue(decimal) => {
+            serde_json::json!({ "scale": decimal.scale, "value": decimal.value })
+        }
+        AMQPValue::ShortString(text) => Value::from(text.as_str()),
+        AMQPValue::LongString(text) => Value::from(String::from_utf8_lossy(text.as_bytes())),
+        AMQPValue::ByteArray(bytes) => Value::from(bytes.as_slice()),
+        AMQPValue::FieldArray(items) => {
+            Value::Array(items.as_slice().iter().map(field_json).collect())
+        }
+        AMQPValue::FieldTable(table) => table_json(table),
+        AMQPValue::Void => Value::Null,
+    }
+}
+
+/// Fails naming the ids in `ids` that no letter has, once each, in the
+/// order given. Replay and purge call it after acting on the ids found.
+fn require_found(letters: &[BasicGetMessage], ids: &[String]) -> Result<(), Failure> {
+    let found: HashSet<String> = letters.iter().map(letter_id).collect();
+    let mut reported = HashSet::new();
+    let missing: Vec<String> = ids
+        .iter()
+        .filter(|id| !found.contains(*id) && reported.insert(*id))
+        .cloned()
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(not_found(&missing))
+}
+
+/// Builds the error for dead-letter ids that match no letter, which
+/// exits 1.
+fn not_found(ids: &[String]) -> Failure {
+    let quoted: Vec<String> = ids.iter().map(|id| format!("`{id}`")).collect();
+    let noun = if ids.len() == 1 {
+        "dead letter"
+    } else {
+        "dead letters"
+    };
+    let error = anyhow::anyhow!(
+        "{noun} {} not found; `dlq list` shows the ids",
+        quoted.join(", ")
+    );
+    Failure::from(error)
+}
+
+/// Returns `1 dead letter` or `N dead letters`.
+fn count_letters(count: usize) -> String {
+    if count == 1 {
+        "1 dead letter".to_owned()
+    } else {
+        format!("{count} dead letters")
+    }
 }
 
 fn selected<'a>(
@@ -283,8 +447,8 @@ fn selected<'a>(
     letters
         .iter()
         .filter(|letter| {
-            let item = view(letter);
-            all || ids.contains(&item.id) || reason.is_some_and(|reason| item.reason == reason)
+            all || ids.contains(&letter_id(letter))
+                || reason.is_some_and(|reason| view(letter).reason == reason)
         })
         .collect()
 }
@@ -299,27 +463,54 @@ async fn replay(
     if let Some(reason) = &selection.reason
         && RejectReason::from_code(reason).is_none()
     {
-        return Err(Failure::usage(anyhow::anyhow!("unknown reason code `{reason}`")));
+        return Err(Failure::usage(anyhow::anyhow!(
+            "unknown reason code `{reason}`"
+        )));
     }
-    let chosen = selected(letters, selection.all, &selection.id, selection.reason.as_deref());
+    let chosen = selected(
+        letters,
+        selection.all,
+        &selection.id,
+        selection.reason.as_deref(),
+    );
     for letter in &chosen {
         let item = view(letter);
         if args.dry_run {
-            println!("would replay {} ({}) to routing key {}", item.id, item.reason, item.routing_key);
+            println!(
+                "would replay {} ({}) to routing key {}",
+                item.id, item.reason, item.routing_key
+            );
             continue;
         }
         let properties = without_our_headers(&letter.delivery.properties);
-        broker::publish_confirmed(channel, &names.events, &item.routing_key, &letter.delivery.data, properties)
+        broker::publish_confirmed(
+            channel,
+            &names.events,
+            &item.routing_key,
+            &letter.delivery.data,
+            properties,
+        )
+        .await?;
+        letter
+            .delivery
+            .acker
+            .ack(BasicAckOptions::default())
             .await?;
-        letter.delivery.acker.ack(BasicAckOptions::default()).await?;
-        println!("replayed {} ({}) to routing key {}", item.id, item.reason, item.routing_key);
+        println!(
+            "replayed {} ({}) to routing key {}",
+            item.id, item.reason, item.routing_key
+        );
     }
     eprintln!(
-        "{} dead letters {}",
-        chosen.len(),
-        if args.dry_run { "would be replayed; nothing changed" } else { "replayed" }
+        "{} {}",
+        count_letters(chosen.len()),
+        if args.dry_run {
+            "would be replayed; nothing changed"
+        } else {
+            "replayed"
+        }
     );
-    Ok(())
+    require_found(letters, &selection.id)
 }
 
 /// Returns the original properties without the headers that this program
@@ -331,7 +522,9 @@ fn without_our_headers(properties: &BasicProperties) -> BasicProperties {
     let mut kept = FieldTable::default();
     for (key, value) in headers.inner() {
         let key = key.as_str();
-        if key.starts_with("x-stream-credits-") || key.starts_with("x-death") || key.starts_with("x-first-death")
+        if key.starts_with("x-stream-credits-")
+            || key.starts_with("x-death")
+            || key.starts_with("x-first-death")
             || key.starts_with("x-last-death")
         {
             continue;
@@ -343,18 +536,24 @@ fn without_our_headers(properties: &BasicProperties) -> BasicProperties {
 
 async fn purge(letters: &[BasicGetMessage], args: &PurgeArgs) -> Result<(), Failure> {
     if !args.all && args.id.is_empty() {
-        return Err(Failure::usage(anyhow::anyhow!("name what to purge: --all or --id ID")));
+        return Err(Failure::usage(anyhow::anyhow!(
+            "name what to purge: --all or --id ID"
+        )));
     }
     let chosen = selected(letters, args.all, &args.id, None);
     if !args.yes {
         return Err(Failure::usage(anyhow::anyhow!(
-            "purge removes {} dead letters for good; add --yes to confirm",
-            chosen.len()
+            "purge removes {} for good; add --yes to confirm",
+            count_letters(chosen.len())
         )));
     }
     for letter in &chosen {
-        letter.delivery.acker.ack(BasicAckOptions::default()).await?;
+        letter
+            .delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await?;
     }
-    eprintln!("purged {} dead letters", chosen.len());
-    Ok(())
+    eprintln!("purged {}", count_letters(chosen.len()));
+    require_found(letters, &args.id)
 }

@@ -22,6 +22,9 @@ use tokio_util::sync::CancellationToken;
 const LATENCY_BUCKETS_SECONDS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
+/// Maximum wait for the database to answer `/readyz`.
+const READY_CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The dependencies `/readyz` checks.
 #[derive(Clone)]
 pub struct Readiness {
@@ -89,6 +92,12 @@ async fn render_metrics(State(state): State<AppState>) -> String {
 }
 
 async fn account(State(state): State<AppState>, Path(user_id): Path<String>) -> Response {
+    // A NUL would make PostgreSQL reject the query, which is bad input
+    // rather than an outage. No length limit applies here, because the
+    // endpoint has no settings and a longer id than any stored gets 404.
+    if let Err(rule) = crate::messages::check_id(&user_id, usize::MAX) {
+        return (StatusCode::BAD_REQUEST, format!("invalid user id: it {rule}\n")).into_response();
+    }
     let ttl_seconds = state.readiness.ttl_seconds;
     let result = async {
         let mut conn = state.readiness.pool.acquire().await?;
@@ -106,7 +115,10 @@ async fn account(State(state): State<AppState>, Path(user_id): Path<String>) -> 
 }
 
 async fn ready(State(state): State<AppState>) -> (StatusCode, &'static str) {
-    let database = sqlx::query("SELECT 1").execute(&state.readiness.pool).await.is_ok();
+    // A pool waits its whole acquire timeout for a server that refuses
+    // connections, so the check gives up sooner.
+    let check = sqlx::query("SELECT 1").execute(&state.readiness.pool);
+    let database = matches!(tokio::time::timeout(READY_CHECK_WAIT, check).await, Ok(Ok(_)));
     let broker = state.readiness.broker_connected.load(Ordering::Relaxed);
     match (database, broker) {
         (true, true) => (StatusCode::OK, "ready\n"),

@@ -5,9 +5,14 @@
 //! so that every rejection names the field and the rule it broke without
 //! quoting any of the message's text.
 
+use std::collections::HashSet;
+use std::fmt;
+
 use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
+use serde_json::error::Category;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -302,16 +307,7 @@ pub fn decode(body: &[u8], limits: &LimitSettings) -> Result<Inbound, Rejection>
             format!("body is not UTF-8: invalid byte at offset {}", error.valid_up_to()),
         )
     })?;
-    let value: Value = serde_json::from_str(text).map_err(|error| {
-        Rejection::new(
-            RejectReason::InvalidJson,
-            format!(
-                "body is not JSON: syntax error at line {} column {}",
-                error.line(),
-                error.column()
-            ),
-        )
-    })?;
+    let UniqueKeysValue(value) = serde_json::from_str(text).map_err(json_rejection)?;
     let Value::Object(object) = value else {
         return Err(Rejection::new(
             RejectReason::InvalidJson,
@@ -328,6 +324,138 @@ pub fn decode(body: &[u8], limits: &LimitSettings) -> Result<Inbound, Rejection>
         rejection.partial = partial;
         rejection
     })
+}
+
+/// Builds the rejection of a body that serde_json could not read. A data
+/// error can only come from [`UniqueKeysVisitor`], whose message names the
+/// repeated key; every other error is a syntax error.
+fn json_rejection(error: serde_json::Error) -> Rejection {
+    let detail = match error.classify() {
+        Category::Data => error.to_string(),
+        Category::Io | Category::Syntax | Category::Eof => format!(
+            "body is not JSON: syntax error at line {} column {}",
+            error.line(),
+            error.column()
+        ),
+    };
+    Rejection::new(RejectReason::InvalidJson, detail)
+}
+
+/// Maximum characters of a repeated key shown in a rejection's detail, so
+/// that a key of any length keeps the detail to one short line.
+const DETAIL_KEY_CHARS_MAX: usize = 64;
+
+/// A JSON value whose objects, at every level, have no key twice.
+/// `serde_json::Value` keeps the last of two equal keys, which would let
+/// `{"amount": 1, "amount": 1000000}` pass for whichever value a reader
+/// happens to take.
+struct UniqueKeysValue(Value);
+
+impl<'de> Deserialize<'de> for UniqueKeysValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(UniqueKeysVisitor).map(UniqueKeysValue)
+    }
+}
+
+/// Builds a `serde_json::Value` as serde_json's own visitor does, but
+/// fails on the second occurrence of a key in one object.
+struct UniqueKeysVisitor;
+
+impl<'de> Visitor<'de> for UniqueKeysVisitor {
+    type Value = Value;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("a JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, value: bool) -> Result<Value, E> {
+        Ok(Value::Bool(value))
+    }
+
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<Value, E> {
+        Ok(Value::from(value))
+    }
+
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<Value, E> {
+        Ok(Value::from(value))
+    }
+
+    fn visit_f64<E: de::Error>(self, value: f64) -> Result<Value, E> {
+        Ok(Value::from(value))
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<Value, E> {
+        Ok(Value::String(value.to_owned()))
+    }
+
+    fn visit_string<E: de::Error>(self, value: String) -> Result<Value, E> {
+        Ok(Value::String(value))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(UniqueKeysValue(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = Map::new();
+        let mut seen = HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key.clone()) {
+                return Err(de::Error::custom(format_args!(
+                    "body has the key {} twice",
+                    quote_key(&key)
+                )));
+            }
+            let UniqueKeysValue(value) = map.next_value()?;
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
+    }
+}
+
+/// Quotes a key for a rejection's detail: escaped, so it stays on one
+/// line, and cut after [`DETAIL_KEY_CHARS_MAX`] characters.
+fn quote_key(key: &str) -> String {
+    let shown: String = key.chars().take(DETAIL_KEY_CHARS_MAX).collect();
+    let cut = if shown.len() < key.len() { "..." } else { "" };
+    format!("`{}{cut}`", shown.escape_debug())
+}
+
+/// Checks an id against the contract's rules: 1 to `chars_max`
+/// characters, none of them NUL. The error is the rule broken, worded to
+/// follow the id's name, such as "must not be empty".
+pub fn check_id(id: &str, chars_max: usize) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    check_stored_text(id, chars_max)
+}
+
+/// Checks a text that the ledger stores: at most `chars_max` characters
+/// and no NUL. PostgreSQL's `text` and `jsonb` types reject a NUL (SQLSTATE
+/// 22021 and 22P05), so the message fails here at once rather than in
+/// every retry of its transaction.
+fn check_stored_text(text: &str, chars_max: usize) -> Result<(), String> {
+    check_length(text, chars_max)?;
+    if text.contains('\0') {
+        return Err("contains a NUL character (U+0000), which PostgreSQL cannot store".to_owned());
+    }
+    Ok(())
+}
+
+fn check_length(text: &str, chars_max: usize) -> Result<(), String> {
+    if text.chars().count() > chars_max {
+        return Err(format!("is longer than {chars_max} characters"));
+    }
+    Ok(())
 }
 
 /// Field-by-field reader over one JSON object.
@@ -381,7 +509,7 @@ impl Fields<'_> {
             message_id: self.id("message_id")?,
             user_id: self.id("user_id")?,
             amount,
-            reason: self.optional_text("reason", self.limits.id_chars_max)?,
+            reason: self.optional_stored_text("reason", self.limits.id_chars_max)?,
             occurred_at: self.timestamp("occurred_at")?,
         })
     }
@@ -517,22 +645,44 @@ impl Fields<'_> {
     }
 
     fn id(&self, key: &str) -> Result<String, Rejection> {
-        let text = self
-            .optional_text(key, self.limits.id_chars_max)?
-            .ok_or_else(|| invalid(format!("missing field `{key}`")))?;
-        if text.is_empty() {
-            return Err(invalid(format!("field `{key}` must not be empty")));
-        }
-        Ok(text)
+        self.checked_text(key, |id| check_id(id, self.limits.id_chars_max))?
+            .ok_or_else(|| invalid(format!("missing field `{key}`")))
     }
 
+    /// Reads an optional text that the ledger stores, such as a grant's
+    /// `reason`.
+    fn optional_stored_text(
+        &self,
+        key: &str,
+        chars_max: usize,
+    ) -> Result<Option<String>, Rejection> {
+        self.checked_text(key, |text| check_stored_text(text, chars_max))
+    }
+
+    /// Reads an optional text that is only counted or parsed, never
+    /// stored, so a NUL in it is kept.
     fn optional_text(&self, key: &str, chars_max: usize) -> Result<Option<String>, Rejection> {
+        self.checked_text(key, |text| check_length(text, chars_max))
+    }
+
+    /// Reads an optional string and applies `check`, whose error is the
+    /// rule the string broke.
+    fn checked_text(
+        &self,
+        key: &str,
+        check: impl FnOnce(&str) -> Result<(), String>,
+    ) -> Result<Option<String>, Rejection> {
+        let Some(text) = self.optional_string(key)? else {
+            return Ok(None);
+        };
+        check(text).map_err(|rule| invalid(format!("field `{key}` {rule}")))?;
+        Ok(Some(text.to_owned()))
+    }
+
+    fn optional_string(&self, key: &str) -> Result<Option<&String>, Rejection> {
         match self.object.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(Value::String(text)) if text.chars().count() > chars_max => Err(invalid(
-                format!("field `{key}` is longer than {chars_max} characters"),
-            )),
-            Some(Value::String(text)) => Ok(Some(text.clone())),
+            Some(Value::String(text)) => Ok(Some(text)),
             Some(_) => Err(invalid(format!("field `{key}` must be a string"))),
         }
     }
@@ -967,6 +1117,135 @@ mod tests {
         let mut value = start();
         value["user_id"] = json!("u".repeat(201));
         assert_eq!(reason_of(value), RejectReason::InvalidField);
+    }
+
+    fn grant_value() -> Value {
+        json!({"type": "credits.granted", "message_id": "g-1", "user_id": "u-1",
+               "amount": 5, "reason": "purchase", "occurred_at": "2026-12-04T10:00:00Z"})
+    }
+
+    fn chunk_value() -> Value {
+        json!({"type": "chunk.emitted", "message_id": "c-1", "user_id": "u-1",
+               "stream_id": "s-1", "seq": 0, "delta": "Quick",
+               "occurred_at": "2026-12-04T10:00:02Z"})
+    }
+
+    fn end_value() -> Value {
+        json!({"type": "stream.ended", "message_id": "e-1", "user_id": "u-1",
+               "stream_id": "s-1", "status": "completed",
+               "occurred_at": "2026-12-04T10:00:03Z"})
+    }
+
+    #[test]
+    fn nul_in_stored_field_is_invalid() {
+        let cases = [
+            (grant_value(), "message_id"),
+            (grant_value(), "user_id"),
+            (grant_value(), "reason"),
+            (start(), "message_id"),
+            (start(), "user_id"),
+            (start(), "stream_id"),
+            (start(), "model"),
+            (chunk_value(), "message_id"),
+            (chunk_value(), "user_id"),
+            (chunk_value(), "stream_id"),
+            (end_value(), "message_id"),
+            (end_value(), "user_id"),
+            (end_value(), "stream_id"),
+        ];
+        for (mut value, field) in cases {
+            let kind = value["type"].clone();
+            value[field] = json!("a\u{0}b");
+            let rejection = decode_value(value).unwrap_err();
+            assert_eq!(rejection.reason, RejectReason::InvalidField, "{kind} {field}");
+            assert!(
+                rejection.detail.contains(&format!("`{field}`")),
+                "{kind} {field}: {}",
+                rejection.detail
+            );
+            assert!(rejection.detail.contains("NUL"), "{kind} {field}: {}", rejection.detail);
+        }
+    }
+
+    #[test]
+    fn nul_in_unstored_text_is_kept() {
+        let mut value = chunk_value();
+        value["delta"] = json!("a\u{0}b");
+        let Inbound::ChunkEmitted(chunk) = decode_value(value).unwrap() else {
+            panic!("not a chunk");
+        };
+        assert_eq!(chunk.delta, "a\u{0}b");
+    }
+
+    #[test]
+    fn rejection_with_nul_id_drops_that_id() {
+        let mut value = start();
+        value["stream_id"] = json!("s\u{0}");
+        let rejection = decode_value(value).unwrap_err();
+        assert_eq!(rejection.partial.stream_id, None);
+        assert_eq!(rejection.partial.user_id.as_deref(), Some("u-1"));
+    }
+
+    #[test]
+    fn id_check_names_each_rule() {
+        assert_eq!(check_id("u-1", 200), Ok(()));
+        assert_eq!(check_id("", 200).unwrap_err(), "must not be empty");
+        assert!(check_id("abc", 2).unwrap_err().contains("longer than 2"));
+        assert!(check_id("a\u{0}", 200).unwrap_err().contains("NUL"));
+    }
+
+    #[test]
+    fn duplicate_top_level_key_is_invalid_json() {
+        let body = br#"{"type":"credits.granted","message_id":"g","user_id":"u",
+            "amount":1,"amount":1000000,"occurred_at":"2026-12-04T10:00:00Z"}"#;
+        let rejection = decode(body, &limits()).unwrap_err();
+        assert_eq!(rejection.reason, RejectReason::InvalidJson);
+        assert!(rejection.detail.contains("`amount`"), "{}", rejection.detail);
+        assert!(!rejection.detail.contains("1000000"), "{}", rejection.detail);
+    }
+
+    #[test]
+    fn duplicate_nested_key_is_invalid_json() {
+        let body = br#"{"type":"stream.ended","message_id":"e","user_id":"u",
+            "stream_id":"s","status":"completed",
+            "usage":{"prompt_tokens":5,"completion_tokens":1,"completion_tokens":9},
+            "occurred_at":"2026-12-04T10:00:00Z"}"#;
+        let rejection = decode(body, &limits()).unwrap_err();
+        assert_eq!(rejection.reason, RejectReason::InvalidJson);
+        assert!(rejection.detail.contains("`completion_tokens`"), "{}", rejection.detail);
+
+        let in_array = br#"{"type":"stream.started","message_id":"m","user_id":"u",
+            "stream_id":"s","model":"gpt-4o-mini",
+            "messages":[{"role":"user","content":"a","content":"b"}],
+            "occurred_at":"2026-12-04T10:00:00Z"}"#;
+        let rejection = decode(in_array, &limits()).unwrap_err();
+        assert_eq!(rejection.reason, RejectReason::InvalidJson);
+        assert!(rejection.detail.contains("`content`"), "{}", rejection.detail);
+    }
+
+    #[test]
+    fn duplicate_key_written_with_escapes_is_found() {
+        let body = br#"{"type":"credits.granted","message_id":"g","user_id":"u",
+            "amount":1,"amount":2,"occurred_at":"2026-12-04T10:00:00Z"}"#;
+        let rejection = decode(body, &limits()).unwrap_err();
+        assert_eq!(rejection.reason, RejectReason::InvalidJson);
+    }
+
+    #[test]
+    fn duplicate_key_detail_is_one_short_line() {
+        let key = format!("k\n{}", "x".repeat(500));
+        let body = format!(r#"{{"{key}":1,"{key}":2}}"#).replace('\n', "\\n");
+        let rejection = decode(body.as_bytes(), &limits()).unwrap_err();
+        assert_eq!(rejection.reason, RejectReason::InvalidJson);
+        assert!(!rejection.detail.contains('\n'), "{}", rejection.detail);
+        assert!(rejection.detail.len() < 200, "{}", rejection.detail);
+    }
+
+    #[test]
+    fn equal_keys_in_different_objects_are_accepted() {
+        let mut value = start();
+        value["extra"] = json!({"type": "x", "user_id": "y"});
+        assert!(decode_value(value).is_ok());
     }
 
     #[test]

@@ -72,7 +72,10 @@ pub struct Report {
     pub holds: HoldCounts,
     pub credits: CreditTotals,
     pub ledger: LedgerTotals,
-    /// Denied starts by reason code.
+    /// Denied starts by reason code, from the denial events in the
+    /// outbox. `invalid_request` denials are never recorded there, because
+    /// the worker sends them without writing an outbox row. Their starts
+    /// are dead-lettered and counted under `dead_letters`.
     pub denials: BTreeMap<String, i64>,
     pub estimates: Vec<EstimateAccuracy>,
     pub token_counts: Vec<TokenComparison>,
@@ -94,34 +97,67 @@ pub struct HoldCounts {
     /// Holds open now, whatever the period.
     pub open: i64,
     /// Credits held by the open holds.
-    pub open_reserved: i64,
+    pub open_reserved: CreditSum,
 }
 
 /// Credits of the holds settled in the period. `reserved - released +
 /// overrun_charged = charged`.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CreditTotals {
-    pub reserved: i128,
+    pub reserved: CreditSum,
     /// Total the users paid, adjustments included.
-    pub charged: i128,
+    pub charged: CreditSum,
     /// The part of the holds that went back: `reserved - charged` of each
     /// hold charged less than it held.
-    pub released: i128,
+    pub released: CreditSum,
     /// `charged - reserved` of each hold charged more than it held.
-    pub overrun_charged: i128,
+    pub overrun_charged: CreditSum,
     /// The cost above the hold that the `cap` policy did not charge.
-    pub forgiven: i128,
+    pub forgiven: CreditSum,
 }
 
 /// Sums of the ledger entries written in the period.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LedgerTotals {
-    pub granted: i64,
+    pub granted: CreditSum,
     /// Charged at settlement, before adjustments.
-    pub charged: i64,
+    pub charged: CreditSum,
     /// Net amount adjustments charged on top, negative when they gave
     /// back more.
-    pub adjusted: i64,
+    pub adjusted: CreditSum,
+}
+
+/// A sum of credit amounts. Each amount is an i64, but a sum over many
+/// accounts can pass the i64 range, so sums are kept in 128 bits.
+///
+/// JSON carries a sum as a number when it fits in an i64 and as a decimal
+/// string otherwise, because common JSON readers (serde_json without
+/// `arbitrary_precision`, JavaScript) would round a larger number.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CreditSum(pub i128);
+
+impl Serialize for CreditSum {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match i64::try_from(self.0) {
+            Ok(sum) => serializer.serialize_i64(sum),
+            Err(_) => serializer.serialize_str(&self.0.to_string()),
+        }
+    }
+}
+
+impl std::fmt::Display for CreditSum {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(formatter)
+    }
+}
+
+/// Parses the text of a PostgreSQL `numeric` sum. The queries sum in
+/// `numeric` and cast to text, because a `bigint` sum overflows with the
+/// error `bigint out of range` once the total passes the i64 range.
+fn parse_sum(text: &str) -> Result<CreditSum, sqlx::Error> {
+    text.parse::<i128>()
+        .map(CreditSum)
+        .map_err(|error| sqlx::Error::Decode(format!("credit sum `{text}`: {error}").into()))
 }
 
 /// Accuracy of hold sizes against final charges for one model, over the
@@ -298,11 +334,11 @@ async fn hold_counts(
     conn: &mut PgConnection,
     since: Option<DateTime<Utc>>,
 ) -> Result<HoldCounts, sqlx::Error> {
-    let (opened, adjusted, open, open_reserved): (i64, i64, i64, i64) = sqlx::query_as(
+    let (opened, adjusted, open, open_reserved): (i64, i64, i64, String) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE $1::timestamptz IS NULL OR opened_at >= $1), \
          count(*) FILTER (WHERE adjusted_at >= coalesce($1, '-infinity')), \
          count(*) FILTER (WHERE settled_at IS NULL), \
-         coalesce(sum(reserved) FILTER (WHERE settled_at IS NULL), 0)::bigint \
+         coalesce(sum(reserved) FILTER (WHERE settled_at IS NULL), 0)::text \
          FROM holds",
     )
     .bind(since)
@@ -324,7 +360,7 @@ async fn hold_counts(
         settled_by_status,
         adjusted,
         open,
-        open_reserved,
+        open_reserved: parse_sum(&open_reserved)?,
     })
 }
 
@@ -332,19 +368,19 @@ async fn ledger_totals(
     conn: &mut PgConnection,
     since: Option<DateTime<Utc>>,
 ) -> Result<LedgerTotals, sqlx::Error> {
-    let (granted, charged, adjusted): (i64, i64, i64) = sqlx::query_as(
-        "SELECT coalesce(sum(amount) FILTER (WHERE kind = 'grant'), 0)::bigint, \
-         coalesce(-sum(amount) FILTER (WHERE kind = 'charge'), 0)::bigint, \
-         coalesce(-sum(amount) FILTER (WHERE kind = 'adjustment'), 0)::bigint \
+    let (granted, charged, adjusted): (String, String, String) = sqlx::query_as(
+        "SELECT coalesce(sum(amount) FILTER (WHERE kind = 'grant'), 0)::text, \
+         coalesce(-sum(amount) FILTER (WHERE kind = 'charge'), 0)::text, \
+         coalesce(-sum(amount) FILTER (WHERE kind = 'adjustment'), 0)::text \
          FROM ledger WHERE created_at >= coalesce($1::timestamptz, '-infinity')",
     )
     .bind(since)
     .fetch_one(&mut *conn)
     .await?;
     Ok(LedgerTotals {
-        granted,
-        charged,
-        adjusted,
+        granted: parse_sum(&granted)?,
+        charged: parse_sum(&charged)?,
+        adjusted: parse_sum(&adjusted)?,
     })
 }
 
@@ -413,12 +449,12 @@ impl CreditTotals {
     fn add(&mut self, hold: &SettledHold, cost: Option<i64>) {
         let reserved = i128::from(hold.reserved);
         let charged = i128::from(hold.charged);
-        self.reserved += reserved;
-        self.charged += charged;
-        self.released += (reserved - charged).max(0);
-        self.overrun_charged += (charged - reserved).max(0);
+        self.reserved.0 += reserved;
+        self.charged.0 += charged;
+        self.released.0 += (reserved - charged).max(0);
+        self.overrun_charged.0 += (charged - reserved).max(0);
         if let Some(cost) = cost {
-            self.forgiven += (i128::from(cost) - charged).max(0);
+            self.forgiven.0 += (i128::from(cost) - charged).max(0);
         }
     }
 }
@@ -554,6 +590,11 @@ async fn read_dead_letters(settings: &Settings) -> DeadLetters {
     }
 }
 
+/// Title of the denials table. It names the reason the table cannot
+/// count, so a reader looks for those starts under the dead letters.
+const DENIALS_TITLE: &str = "Denied starts (invalid_request denials are not recorded; \
+     their starts are dead-lettered and counted under Dead letters)";
+
 /// Renders the report as titled plain-text tables.
 pub fn render_text(report: &Report) -> String {
     let period = match report.since {
@@ -571,7 +612,7 @@ pub fn render_text(report: &Report) -> String {
             credits_table(&report.credits),
         ),
         section("Ledger entries", ledger_table(&report.ledger)),
-        section("Denied starts", counts_table("reason", &report.denials)),
+        section(DENIALS_TITLE, counts_table("reason", &report.denials)),
         section(
             "Estimate accuracy by model",
             estimates_table(&report.estimates),
@@ -783,6 +824,19 @@ mod tests {
             let error = parse_since(text).unwrap_err();
             assert!(error.contains("RFC 3339"), "{text}: {error}");
         }
+    }
+
+    #[test]
+    fn credit_sum_json_is_exact() {
+        let json = |sum: i128| serde_json::to_value(CreditSum(sum)).unwrap();
+        assert_eq!(json(-5), serde_json::json!(-5));
+        assert_eq!(json(i64::MAX.into()), serde_json::json!(i64::MAX));
+        let past_max = i128::from(i64::MAX) + 1;
+        assert_eq!(json(past_max), serde_json::json!("9223372036854775808"));
+        let past_min = i128::from(i64::MIN) - 1;
+        assert_eq!(json(past_min), serde_json::json!("-9223372036854775809"));
+        assert_eq!(parse_sum("9223372036854776807").unwrap().0, past_max + 999);
+        assert!(parse_sum("1.5").is_err());
     }
 
     #[test]

@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::pricing::{self, ModelPrice};
 
+mod sources;
+
+use sources::SetValues;
+
 /// Prefix of the environment variables that override settings.
 pub const ENV_PREFIX: &str = "STREAM_CREDITS";
 
@@ -20,10 +24,32 @@ pub const DEFAULT_FILE: &str = "stream-credits.toml";
 pub enum SettingsError {
     #[error("settings file {path} not found")]
     FileNotFound { path: PathBuf },
+    /// An error of the `config` crate that names no key set by the file
+    /// or the environment. Not a source, so the message is printed once.
     #[error("invalid settings: {0}")]
-    Load(#[from] config::ConfigError),
+    Load(config::ConfigError),
     #[error("invalid setting `{key}`: {reason}")]
     Invalid { key: String, reason: String },
+    #[error("unknown setting `{key}` in {origin}; expected one of {expected}")]
+    UnknownKey {
+        key: String,
+        origin: String,
+        expected: String,
+    },
+    #[error("invalid value `{value}` for `{key}` in {origin}: expected {expected}")]
+    Value {
+        key: String,
+        value: String,
+        origin: String,
+        expected: String,
+    },
+    #[error("invalid settings file {path}, line {line}, column {column}: {reason}")]
+    FileSyntax {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        reason: String,
+    },
 }
 
 impl SettingsError {
@@ -70,18 +96,45 @@ impl fmt::Display for SecretUrl {
     }
 }
 
-/// Replaces the password of a URL with `***`. Text that is not a URL is
+/// Replaces the password of a URL with `***`, both the one before the
+/// host and the value of every query parameter whose name contains
+/// `password` (`password`, `sslpassword`). Text that is not a URL is
 /// replaced whole, because it may still hold a secret.
 pub fn redact_url(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut url) => {
-            if url.password().is_some() {
-                let _ = url.set_password(Some("***"));
-            }
-            url.to_string()
-        }
-        Err(_) => "<unparsable URL>".to_owned(),
+    let Ok(mut url) = url::Url::parse(raw) else {
+        return "<unparsable URL>".to_owned();
+    };
+    if url.password().is_some() {
+        let _ = url.set_password(Some("***"));
     }
+    if let Some(query) = url.query() {
+        let query = redact_query(query);
+        url.set_query(Some(&query));
+    }
+    url.to_string()
+}
+
+/// Replaces the value of each password parameter of a URL query. The
+/// other parameters keep their text as written.
+fn redact_query(query: &str) -> String {
+    let redact_pair = |pair: &str| {
+        let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+        // Compare the decoded name, so `pass%77ord` is caught too.
+        let decoded = url::form_urlencoded::parse(name.as_bytes())
+            .next()
+            .map(|(name, _)| name.to_ascii_lowercase())
+            .unwrap_or_default();
+        if decoded.contains("password") {
+            format!("{name}=***")
+        } else {
+            pair.to_owned()
+        }
+    };
+    query
+        .split('&')
+        .map(redact_pair)
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// What happens when the cost of a stream exceeds its hold.
@@ -214,11 +267,23 @@ impl ReservationSettings {
         // Ten steps of the granted hold at once is already a large jump.
         const GROWTH_STEP_PERCENT_MAX: u32 = 1_000;
         let bounded = [
-            ("growth_threshold_percent", self.growth_threshold_percent, 100),
-            ("growth_step_percent", self.growth_step_percent, GROWTH_STEP_PERCENT_MAX),
+            (
+                "growth_threshold_percent",
+                self.growth_threshold_percent,
+                100,
+            ),
+            (
+                "growth_step_percent",
+                self.growth_step_percent,
+                GROWTH_STEP_PERCENT_MAX,
+            ),
             ("history_percentile", self.history_percentile, 100),
             ("history_streams", self.history_streams, HISTORY_STREAMS_MAX),
-            ("history_streams_min", self.history_streams_min, self.history_streams),
+            (
+                "history_streams_min",
+                self.history_streams_min,
+                self.history_streams,
+            ),
         ];
         for (key, value, max) in bounded {
             if value == 0 || value > max {
@@ -372,7 +437,7 @@ impl Settings {
         file: Option<&Path>,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, SettingsError> {
-        let defaults = config::Config::try_from(&Self::default())?;
+        let defaults = config::Config::try_from(&Self::default()).map_err(SettingsError::Load)?;
         let mut builder = config::Config::builder().add_source(defaults);
 
         let path = match file {
@@ -386,8 +451,13 @@ impl Settings {
             None => None,
         };
         let mut model_layers = Vec::new();
+        let mut set_values = SetValues::new();
         if let Some(path) = path {
-            let (rest, models) = read_toml(path)?;
+            let (table, models) = read_toml(path)?;
+            set_values.add_file(path, &table)?;
+            let rest = toml::to_string(&table).map_err(|error| {
+                SettingsError::invalid(path.display().to_string(), error.to_string())
+            })?;
             builder = builder.add_source(config::File::from_str(&rest, config::FileFormat::Toml));
             model_layers.push(models);
         }
@@ -397,15 +467,20 @@ impl Settings {
             .filter(|(key, _)| key.starts_with(ENV_PREFIX))
             .partition(|(key, _)| key.to_ascii_uppercase().starts_with(MODEL_ENV_PREFIX));
         model_layers.push(models_from_env(model_vars)?);
+        set_values.add_env(&vars)?;
         let environment = config::Environment::with_prefix(ENV_PREFIX)
             .prefix_separator("__")
             .separator("__")
             .try_parsing(true)
             .list_separator(",")
-            .with_list_parse_key("worker.home_shards")
+            .with_list_parse_key(sources::LIST_KEY)
             .source(Some(vars.into_iter().collect()));
 
-        let mut settings: Self = builder.add_source(environment).build()?.try_deserialize()?;
+        let mut settings: Self = builder
+            .add_source(environment)
+            .build()
+            .and_then(config::Config::try_deserialize)
+            .map_err(|error| set_values.explain(error))?;
         for layer in model_layers {
             apply_model_overrides(&mut settings.models, layer)?;
         }
@@ -420,6 +495,7 @@ impl Settings {
             self.database.url.expose(),
             &["postgres", "postgresql"],
         )?;
+        self.validate_database_query()?;
         validate_url("amqp.url", self.amqp.url.expose(), &["amqp", "amqps"])?;
         self.validate_amqp_tls()?;
         self.validate_counts()?;
@@ -450,10 +526,16 @@ impl Settings {
 
     fn validate_counts(&self) -> Result<(), SettingsError> {
         let positive: [(&str, u64); 9] = [
-            ("database.max_connections", self.database.max_connections.into()),
+            (
+                "database.max_connections",
+                self.database.max_connections.into(),
+            ),
             ("amqp.prefetch", self.amqp.prefetch.into()),
             ("topology.shards", self.topology.shards.into()),
-            ("topology.delivery_limit", self.topology.delivery_limit.into()),
+            (
+                "topology.delivery_limit",
+                self.topology.delivery_limit.into(),
+            ),
             ("reservations.ttl_seconds", self.reservations.ttl_seconds),
             (
                 "reservations.sweep_interval_seconds",
@@ -492,6 +574,51 @@ impl Settings {
         Ok(())
     }
 
+    /// Rejects a `database.url` query parameter that sqlx 0.9 does not
+    /// read. sqlx would ignore it and log its value, which may be a
+    /// secret such as libpq's `sslpassword`.
+    fn validate_database_query(&self) -> Result<(), SettingsError> {
+        // The parameters that `PgConnectOptions` of sqlx-postgres 0.9.1
+        // reads from a URL, in `options/parse.rs`.
+        const KNOWN: [&str; 18] = [
+            "sslmode",
+            "ssl-mode",
+            "sslrootcert",
+            "ssl-root-cert",
+            "ssl-ca",
+            "sslcert",
+            "ssl-cert",
+            "sslkey",
+            "ssl-key",
+            "statement-cache-capacity",
+            "host",
+            "hostaddr",
+            "port",
+            "dbname",
+            "user",
+            "password",
+            "application_name",
+            "options",
+        ];
+        let Ok(url) = url::Url::parse(self.database.url.expose()) else {
+            return Ok(());
+        };
+        for (name, _) in url.query_pairs() {
+            let known = KNOWN.contains(&name.as_ref())
+                || (name.starts_with("options[") && name.ends_with(']'));
+            if !known {
+                return Err(SettingsError::invalid(
+                    "database.url",
+                    format!(
+                        "unknown query parameter `{name}`; sqlx reads only {} and options[NAME]",
+                        KNOWN.join(", ")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn validate_amqp_tls(&self) -> Result<(), SettingsError> {
         const KEY: &str = "amqp.tls_ca_file";
         let Some(path) = &self.amqp.tls_ca_file else {
@@ -520,7 +647,10 @@ impl Settings {
         {
             return Err(SettingsError::invalid(
                 "worker.home_shards",
-                format!("shard {shard} does not exist; topology.shards is {}", self.topology.shards),
+                format!(
+                    "shard {shard} does not exist; topology.shards is {}",
+                    self.topology.shards
+                ),
             ));
         }
         let prefix = &self.topology.prefix;
@@ -548,12 +678,12 @@ impl Settings {
 
 /// Reads a TOML settings file, returning it without its `models` table
 /// and the model overrides from that table.
-fn read_toml(path: &Path) -> Result<(String, BTreeMap<String, ModelOverride>), SettingsError> {
-    let file_error = |reason: String| SettingsError::invalid(path.display().to_string(), reason);
-    let text = std::fs::read_to_string(path).map_err(|error| file_error(error.to_string()))?;
+fn read_toml(path: &Path) -> Result<(toml::Table, BTreeMap<String, ModelOverride>), SettingsError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| SettingsError::invalid(path.display().to_string(), error.to_string()))?;
     let mut table: toml::Table = text
         .parse()
-        .map_err(|error: toml::de::Error| file_error(error.message().to_owned()))?;
+        .map_err(|error| toml_syntax_error(path, &text, &error))?;
     let models = match table.remove("models") {
         None => BTreeMap::new(),
         Some(toml::Value::Table(models)) => models
@@ -567,8 +697,20 @@ fn read_toml(path: &Path) -> Result<(String, BTreeMap<String, ModelOverride>), S
             .collect::<Result<_, SettingsError>>()?,
         Some(_) => return Err(SettingsError::invalid("models", "must be a table")),
     };
-    let rest = toml::to_string(&table).map_err(|error| file_error(error.to_string()))?;
-    Ok((rest, models))
+    Ok((table, models))
+}
+
+/// Names the line and column where a settings file stops being TOML.
+fn toml_syntax_error(path: &Path, text: &str, error: &toml::de::Error) -> SettingsError {
+    let start = error.span().map_or(0, |span| span.start).min(text.len());
+    let before = text.get(..start).unwrap_or(text);
+    let line_start = before.rfind('\n').map_or(0, |newline| newline + 1);
+    SettingsError::FileSyntax {
+        path: path.to_owned(),
+        line: before.matches('\n').count() + 1,
+        column: before[line_start..].chars().count() + 1,
+        reason: error.message().to_owned(),
+    }
 }
 
 /// Reads `STREAM_CREDITS__MODELS__<NAME>__<FIELD>` variables.
@@ -589,10 +731,9 @@ fn models_from_env(
         let setting = format!("models.{name}.{field}");
         let entry = models.entry(name).or_default();
         let integer = |value: &str| {
-            value
-                .trim()
-                .parse::<i64>()
-                .map_err(|_| SettingsError::invalid(&setting, format!("`{value}` is not an integer")))
+            value.trim().parse::<i64>().map_err(|_| {
+                SettingsError::invalid(&setting, format!("`{value}` is not an integer"))
+            })
         };
         match field.as_str() {
             "input_per_million" => entry.input_per_million = Some(integer(&value)?),
@@ -644,7 +785,9 @@ fn apply_model_overrides(
                     )
                 };
                 ModelPrice {
-                    input_per_million: layer.input_per_million.ok_or_else(|| missing("input_per_million"))?,
+                    input_per_million: layer
+                        .input_per_million
+                        .ok_or_else(|| missing("input_per_million"))?,
                     output_per_million: layer
                         .output_per_million
                         .ok_or_else(|| missing("output_per_million"))?,
@@ -766,8 +909,14 @@ mod tests {
 
     #[test]
     fn growth_threshold_above_100_names_the_key() {
-        let text = error_text(&[("STREAM_CREDITS__RESERVATIONS__GROWTH_THRESHOLD_PERCENT", "101")]);
-        assert!(text.contains("reservations.growth_threshold_percent"), "{text}");
+        let text = error_text(&[(
+            "STREAM_CREDITS__RESERVATIONS__GROWTH_THRESHOLD_PERCENT",
+            "101",
+        )]);
+        assert!(
+            text.contains("reservations.growth_threshold_percent"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -822,5 +971,88 @@ mod tests {
         assert!(!format!("{url:?}").contains("s3cret"));
         assert!(!url.to_string().contains("s3cret"));
         assert!(url.redacted().contains("guest:***@"));
+    }
+
+    #[test]
+    fn query_passwords_are_redacted() {
+        let cases = [
+            ("postgres://h/x?password=p1", "postgres://h/x?password=***"),
+            (
+                "postgres://h/x?sslmode=require&sslpassword=p2",
+                "postgres://h/x?sslmode=require&sslpassword=***",
+            ),
+            (
+                "postgres://h/x?DB_Password=p3&a=1",
+                "postgres://h/x?DB_Password=***&a=1",
+            ),
+            (
+                "postgres://h/x?pass%77ord=p4",
+                "postgres://h/x?pass%77ord=***",
+            ),
+            (
+                "postgres://u:p5@h/x?password",
+                "postgres://u:***@h/x?password=***",
+            ),
+        ];
+        for (raw, redacted) in cases {
+            assert_eq!(redact_url(raw), redacted);
+        }
+    }
+
+    #[test]
+    fn unread_database_query_parameter_names_it() {
+        let url = "postgres://h/x?sslmode=require&sslpassword=hunter2";
+        let text = error_text(&[("STREAM_CREDITS__DATABASE__URL", url)]);
+        assert!(text.contains("database.url"), "{text}");
+        assert!(text.contains("`sslpassword`"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn read_database_query_parameters_pass() {
+        let url = "postgres://h/x?sslmode=require&password=p&options[search_path]=s";
+        load_with(&[("STREAM_CREDITS__DATABASE__URL", url)]).unwrap();
+    }
+
+    #[test]
+    fn unknown_variable_names_key_and_variable() {
+        let text = error_text(&[("STREAM_CREDITS__LOG__COLOUR", "1")]);
+        assert!(text.contains("unknown setting `log.colour`"), "{text}");
+        assert!(text.contains("STREAM_CREDITS__LOG__COLOUR"), "{text}");
+        assert!(text.contains("`log.format`"), "{text}");
+    }
+
+    #[test]
+    fn variable_naming_a_section_is_rejected() {
+        let text = error_text(&[("STREAM_CREDITS__TOPOLOGY", "x")]);
+        assert!(text.contains("unknown setting `topology`"), "{text}");
+        assert!(text.contains("`topology.shards`"), "{text}");
+    }
+
+    #[test]
+    fn bad_boolean_lists_what_is_expected() {
+        let text = error_text(&[("STREAM_CREDITS__RESERVATIONS__GROWTH", "maybe")]);
+        assert_eq!(
+            text,
+            "invalid value `maybe` for `reservations.growth` in environment variable \
+             STREAM_CREDITS__RESERVATIONS__GROWTH: expected a boolean"
+        );
+    }
+
+    #[test]
+    fn file_with_unknown_key_names_it() {
+        let dir = std::env::temp_dir().join(format!("settings-unknown-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("unknown.toml");
+        std::fs::write(
+            &path,
+            "[models.\"gpt-4.1\"]\noutput_per_million = 5\n[log]\nlevl = \"debug\"\n",
+        )
+        .unwrap();
+        let text = Settings::load_unvalidated(Some(&path), Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("unknown setting `log.levl`"), "{text}");
+        assert!(text.contains(&path.display().to_string()), "{text}");
     }
 }

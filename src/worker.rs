@@ -28,7 +28,7 @@ use tracing::{Instrument, Span, debug, error, info, info_span, warn};
 use crate::broker::{self, BrokerError, DeadLetter};
 use crate::db;
 use crate::ledger::{self, Applied, Ledger, LedgerError, Outcome, Outgoing, ReplyTo};
-use crate::messages::{self, DenialReason, Inbound, Rejection, ReservationDenied};
+use crate::messages::{self, DenialReason, Inbound, PartialIds, Rejection, ReservationDenied};
 use crate::settings::Settings;
 use crate::topology::{self, Names, TopologyError};
 
@@ -103,24 +103,16 @@ fn backoff() -> ExponentialBuilder {
 
 /// Runs the worker until `shutdown` is cancelled, then drains and returns.
 pub async fn run(settings: Arc<Settings>, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    let broker_connected = Arc::new(AtomicBool::new(false));
+    // The endpoint starts before the database is reached, so /healthz
+    // responds and /readyz reports the wait while it is unreachable.
+    if let Ok(listen) = settings.http.listen.parse() {
+        serve_http(&settings, listen, broker_connected.clone(), shutdown.clone())?;
+    }
     let pool = tokio::select! {
         pool = prepare_database(&settings) => pool?,
         () = shutdown.cancelled() => return Ok(()),
     };
-    let broker_connected = Arc::new(AtomicBool::new(false));
-    if let Ok(listen) = settings.http.listen.parse() {
-        let readiness = crate::http::Readiness {
-            pool: pool.clone(),
-            broker_connected: broker_connected.clone(),
-            ttl_seconds: settings.reservations.ttl_seconds,
-        };
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            if let Err(error) = crate::http::serve(listen, readiness, stop).await {
-                error!(%error, %listen, "cannot serve the HTTP endpoint");
-            }
-        });
-    }
     let (marks, unmarked) = mpsc::channel(MARK_QUEUE_MAX);
     let marker_stop = CancellationToken::new();
     let marker = tokio::spawn(mark_in_background(pool.clone(), unmarked, marker_stop.clone()));
@@ -146,6 +138,31 @@ pub async fn run(settings: Arc<Settings>, shutdown: CancellationToken) -> Result
     }
     info!("worker stopped");
     result
+}
+
+/// Connections the HTTP endpoint may hold, apart from the worker's pool.
+const HTTP_DATABASE_CONNECTIONS: u32 = 2;
+
+/// Serves the HTTP endpoint on a small pool of its own until `shutdown`.
+fn serve_http(
+    settings: &Settings,
+    listen: std::net::SocketAddr,
+    broker_connected: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    let mut database = settings.database.clone();
+    database.max_connections = HTTP_DATABASE_CONNECTIONS;
+    let readiness = crate::http::Readiness {
+        pool: db::pool(&database).map_err(WorkerError::Database)?,
+        broker_connected,
+        ttl_seconds: settings.reservations.ttl_seconds,
+    };
+    tokio::spawn(async move {
+        if let Err(error) = crate::http::serve(listen, readiness, shutdown).await {
+            error!(%error, %listen, "cannot serve the HTTP endpoint");
+        }
+    });
+    Ok(())
 }
 
 /// Creates and migrates the database, retrying while it is unreachable.
@@ -372,11 +389,11 @@ impl Shard {
     }
 
     /// Applies the deliveries already received after the subscription was
-    /// cancelled. Returning them to the queue instead would be unsafe when
-    /// another process waits on the shard as standby: RabbitMQ 3.10 hands
-    /// the queue over at the cancel and sends it newer messages before the
-    /// returned ones, such as a chunk before its stream's start. (A lost
-    /// connection returns deliveries in order: tests/redelivery_order.rs.)
+    /// cancelled. Returning them to the queue would be unsafe when another
+    /// process waits on the shard as standby. RabbitMQ 3.10 hands it the
+    /// queue at the cancel and sends it newer messages before the returned
+    /// ones, such as a chunk before its stream's start. A lost connection
+    /// returns deliveries in order (tests/redelivery_order.rs).
     async fn drain(&self, consumer: &mut lapin::Consumer, batch_max: usize) -> Result<(), SessionError> {
         let mut deliveries = Vec::new();
         let mut received = Instant::now();
@@ -439,7 +456,14 @@ impl Shard {
                         timed.extend(latency_histogram(message));
                     }
                     match applied.outcome {
-                        Outcome::DeadLetter(rejection) => Disposition::DeadLetter(rejection),
+                        Outcome::DeadLetter(rejection) => {
+                            let answer = Rejection {
+                                partial: message_ids(message),
+                                ..rejection.clone()
+                            };
+                            outgoing.extend(invalid_request_reply(&answer, &item.reply_to));
+                            Disposition::DeadLetter(rejection)
+                        }
                         _ => Disposition::Ack,
                     }
                 }
@@ -677,11 +701,13 @@ fn reply_address(delivery: &Delivery) -> ReplyTo {
             .reply_to()
             .as_ref()
             .map(|queue| queue.as_str().to_owned())
-            .filter(|queue| !queue.is_empty()),
+            .filter(|queue| !queue.is_empty() && !queue.contains('\0')),
+        // PostgreSQL text cannot hold NUL, and the outbox stores both.
         correlation_id: properties
             .correlation_id()
             .as_ref()
-            .map(|id| id.as_str().to_owned()),
+            .map(|id| id.as_str().to_owned())
+            .filter(|id| !id.contains('\0')),
     }
 }
 
@@ -714,8 +740,20 @@ fn invalid_request_reply(rejection: &Rejection, reply_to: &ReplyTo) -> Option<Ou
     })
 }
 
-/// The span of one message: every line logged about it carries its ids.
-/// A message that failed validation carries the ids that could be read.
+/// Returns the ids of a decoded message, for a reply to a start the
+/// ledger rejected.
+fn message_ids(message: &Inbound) -> PartialIds {
+    PartialIds {
+        type_name: Some(message.type_name().to_owned()),
+        message_id: Some(message.message_id().to_owned()),
+        user_id: Some(message.user_id().to_owned()),
+        stream_id: message.stream_id().map(str::to_owned),
+    }
+}
+
+/// Returns the span of one message, so every line logged about it carries
+/// its ids. A message that failed validation carries the ids that could be
+/// read.
 fn message_span(item: &Item) -> Span {
     let (kind, message_id, user_id, stream_id) = match &item.message {
         Ok(message) => (
@@ -743,9 +781,9 @@ fn message_span(item: &Item) -> Span {
     )
 }
 
-/// Latency from receipt to the published answer: a reservation's reply
-/// for a start, the settlement event for an end. Other messages publish
-/// nothing anyone waits on.
+/// Returns the histogram of the time from receipt to the published reply
+/// of a start or settlement event of an end. Other messages publish
+/// nothing a producer waits on.
 fn latency_histogram(message: &Inbound) -> Option<&'static str> {
     match message {
         Inbound::StreamStarted(_) => Some("stream_credits_reservation_latency_seconds"),

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::{Harness, Outbound, ROUND_MODEL, grant, start};
 use serde_json::json;
 
@@ -38,7 +40,21 @@ async fn bad_input_is_dead_lettered() {
 
     let negative_field = grant(USER, "g-negative", -5);
 
-    let cases: [(&str, Vec<u8>, &str); 6] = [
+    // PostgreSQL cannot store a NUL in text, so these must fail in the
+    // decoder rather than in a transaction that is retried.
+    let mut nul_reason = grant(USER, "g-nul-reason", 5);
+    nul_reason["reason"] = json!("top\u{0}up");
+    let mut nul_user = grant(USER, "g-nul-user", 5);
+    nul_user["user_id"] = json!("u-bad\u{0}");
+
+    // Written by hand, because serde_json cannot build an object with a
+    // key twice.
+    let duplicate_key = format!(
+        r#"{{"type":"credits.granted","message_id":"g-duplicate","user_id":"{USER}",
+            "amount":1,"amount":1000000,"occurred_at":"2026-12-04T10:00:00Z"}}"#
+    );
+
+    let cases: [(&str, Vec<u8>, &str); 9] = [
         (
             "not-json",
             b"{\"type\": \"credits.granted\", ".to_vec(),
@@ -65,6 +81,17 @@ async fn bad_input_is_dead_lettered() {
             serde_json::to_vec(&negative_field).expect("serialize"),
             "invalid_field",
         ),
+        (
+            "nul-reason",
+            serde_json::to_vec(&nul_reason).expect("serialize"),
+            "invalid_field",
+        ),
+        (
+            "nul-user-id",
+            serde_json::to_vec(&nul_user).expect("serialize"),
+            "invalid_field",
+        ),
+        ("duplicate-key", duplicate_key.into_bytes(), "invalid_json"),
     ];
     let messages: Vec<Outbound> = cases
         .iter()
@@ -91,12 +118,23 @@ async fn bad_input_is_dead_lettered() {
     assert_eq!(denied["user_id"], USER, "{denied}");
     assert_eq!(denied["stream_id"], "s-invalid", "{denied}");
     assert!(denied["event_id"].is_string(), "{denied}");
+
+    // A start whose stream id contains a NUL is denied at once, without the
+    // id it could not store.
+    let nul_start = start(USER, "s-nul\u{0}", "m-nul-start", ROUND_MODEL, 10, 10);
+    let denied = harness.request(&nul_start, "c-nul-start").await;
+    assert_eq!(denied["type"], "reservation.denied", "{denied}");
+    assert_eq!(denied["reason"], "invalid_request", "{denied}");
+    assert_eq!(denied["user_id"], USER, "{denied}");
+    assert!(denied.get("stream_id").is_none(), "{denied}");
+    let detail = denied["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("`stream_id`"), "{denied}");
     harness.barrier(USER).await;
 
     let letters = harness.take_dead_letters().await;
     assert_eq!(
         letters.len(),
-        cases.len() + 1,
+        cases.len() + 2,
         "dead letters: {:?}",
         letters
             .iter()
@@ -106,7 +144,10 @@ async fn bad_input_is_dead_lettered() {
     let expected = cases
         .iter()
         .map(|(case, _, reason)| (*case, *reason))
-        .chain([("m-invalid", "invalid_field")]);
+        .chain([
+            ("m-invalid", "invalid_field"),
+            ("m-nul-start", "invalid_field"),
+        ]);
     for (case, reason) in expected {
         let letter = letters
             .iter()
@@ -131,6 +172,27 @@ async fn bad_input_is_dead_lettered() {
         "a dead letter keeps the original body"
     );
 
+    let detail_of = |case: &str| {
+        letters
+            .iter()
+            .find(|letter| letter.message_id.as_deref() == Some(case))
+            .and_then(|letter| letter.detail.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        detail_of("nul-reason").contains("`reason`"),
+        "{}",
+        detail_of("nul-reason")
+    );
+    assert!(
+        detail_of("nul-user-id").contains("`user_id`"),
+        "{}",
+        detail_of("nul-user-id")
+    );
+    let duplicate_detail = detail_of("duplicate-key");
+    assert!(duplicate_detail.contains("`amount`"), "{duplicate_detail}");
+    assert!(!duplicate_detail.contains("1000000"), "{duplicate_detail}");
+
     let account = harness.account(USER).await;
     assert_eq!(account.balance, 1000, "only the valid grant is applied");
     assert_eq!(
@@ -138,6 +200,41 @@ async fn bad_input_is_dead_lettered() {
         1,
         "grant ledger rows"
     );
+
+    harness.finish().await;
+}
+
+/// Shortest time a retried message spends in the pauses between its
+/// attempts (0.2 + 0.4 + 0.8 + 1.6 s with the default delivery limit),
+/// which a message that is rejected at once never waits.
+const RETRY_PAUSES_MIN: Duration = Duration::from_secs(3);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_field_is_dead_lettered_without_retry() {
+    let harness = Harness::start("badnul", |_| {}).await;
+
+    let mut nul_message_id = grant(USER, "g-nul", 5);
+    nul_message_id["message_id"] = json!("g-\u{0}");
+    let published = Instant::now();
+    harness
+        .publish_all(&[raw(
+            "nul-message-id",
+            serde_json::to_vec(&nul_message_id).unwrap(),
+        )])
+        .await;
+    harness.wait_dead_letter_count(1).await;
+    let elapsed = published.elapsed();
+
+    let letters = harness.take_dead_letters().await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].error.as_deref(), Some("invalid_field"));
+    let detail = letters[0].detail.as_deref().unwrap_or_default();
+    assert!(detail.contains("`message_id`"), "{detail}");
+    assert!(
+        elapsed < RETRY_PAUSES_MIN,
+        "the dead letter took {elapsed:?}"
+    );
+    assert_eq!(harness.ledger_rows(USER, "grant").await, 0);
 
     harness.finish().await;
 }

@@ -2,11 +2,15 @@
 //! test's topology and database. A chunk that arrives before its stream's
 //! start is dead-lettered as `unknown_stream`. After the start, replaying
 //! it counts its tokens once, however often the same dead letter is
-//! replayed.
+//! replayed. Further tests check that `list` keeps one order, that
+//! `show` prints every property and header, and that `replay` and `purge`
+//! fail on ids they cannot find.
 
 mod common;
 
-use common::{Harness, Outbound, ROUND_MODEL, chunk, end, start};
+use common::{DeadLetter, Harness, Outbound, ROUND_MODEL, chunk, end, start};
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldArray, FieldTable};
 use serde_json::Value;
 use stream_credits::messages::EndStatus;
 
@@ -25,6 +29,8 @@ const RESERVED: i64 = 210;
 const CHUNK_TOKENS: u64 = 7;
 const CHARGE: i64 = 24;
 
+/// Exit code of a runtime failure, such as an id not found.
+const RUNTIME_FAILURE: i32 = 1;
 /// Exit code of bad usage.
 const USAGE_ERROR: i32 = 2;
 
@@ -231,5 +237,251 @@ async fn dlq_commands_work() {
     assert_eq!(account.balance, BALANCE - CHARGE);
     assert_eq!(account.reserved, 0);
 
+    harness.finish().await;
+}
+
+/// Dead-letters one `unknown_stream` chunk for each of `streams` and waits
+/// until the queue contains them all.
+async fn dead_letter_chunks(harness: &Harness, streams: &[&str]) {
+    harness.fund(USER, "g-1", BALANCE).await;
+    let chunks: Vec<Outbound> = streams
+        .iter()
+        .map(|stream| Outbound::json(&chunk(USER, stream, 0, "words", Some(1))))
+        .collect();
+    harness.publish_all(&chunks).await;
+    harness.barrier(USER).await;
+    harness.wait_dead_letter_count(streams.len() as u32).await;
+}
+
+fn ids(listed: &[Value]) -> Vec<String> {
+    listed
+        .iter()
+        .map(|letter| letter["id"].as_str().expect("a string id").to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_list_order_is_stable() {
+    let harness = Harness::start("dlqorder", |_| {}).await;
+    let streams = ["s-a", "s-b", "s-c", "s-d", "s-e", "s-f"];
+    dead_letter_chunks(&harness, &streams).await;
+
+    let first = ids(&list(&harness).await);
+    assert_eq!(first.len(), streams.len(), "{first:?}");
+    let mut sorted = first.clone();
+    sorted.sort();
+    assert_eq!(first, sorted, "dlq list is not sorted by id");
+    for _ in 0..3 {
+        harness.wait_dead_letter_count(streams.len() as u32).await;
+        let again = ids(&list(&harness).await);
+        assert_eq!(again, first, "dlq list changed its order");
+    }
+
+    harness.wait_dead_letter_count(streams.len() as u32).await;
+    let stdout = run_ok(&harness, &["dlq", "list", "--json", "--limit", "2"]).await;
+    let limited: Vec<Value> = serde_json::from_str(&stdout).expect("a JSON array");
+    assert_eq!(ids(&limited), first[..2], "--limit keeps the first ids");
+    harness.wait_dead_letter_count(streams.len() as u32).await;
+    harness.finish().await;
+}
+
+/// Runs `dlq show ID` and returns its JSON output.
+async fn show(harness: &Harness, id: &str) -> Value {
+    let stdout = run_ok(harness, &["dlq", "show", id]).await;
+    serde_json::from_str(&stdout).expect("dlq show prints JSON")
+}
+
+/// Builds a letter as RabbitMQ dead-letters it after the delivery limit:
+/// its own properties and the broker's `x-death` headers, none of ours.
+fn broker_dead_letter() -> DeadLetter {
+    let mut death = FieldTable::default();
+    death.insert("count".into(), AMQPValue::LongLongInt(3));
+    death.insert(
+        "reason".into(),
+        AMQPValue::LongString("delivery_limit".into()),
+    );
+    death.insert("queue".into(), AMQPValue::LongString("some.shard".into()));
+    death.insert("time".into(), AMQPValue::Timestamp(1_700_000_000));
+    let keys = FieldArray::from(vec![AMQPValue::LongString(USER.into())]);
+    death.insert("routing-keys".into(), AMQPValue::FieldArray(keys));
+
+    let mut headers = FieldTable::default();
+    let deaths = FieldArray::from(vec![AMQPValue::FieldTable(death)]);
+    headers.insert("x-death".into(), AMQPValue::FieldArray(deaths));
+    headers.insert(
+        "x-first-death-reason".into(),
+        AMQPValue::LongString("delivery_limit".into()),
+    );
+
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_message_id("m-broker".into())
+        .with_type("chunk.emitted".into())
+        .with_headers(headers);
+    DeadLetter {
+        body: br#"{"type": "chunk.emitted"}"#.to_vec(),
+        message_id: Some("m-broker".to_owned()),
+        error: None,
+        detail: None,
+        routing_key: Some(USER.to_owned()),
+        dead_letter_id: None,
+        properties,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_show_prints_headers() {
+    let harness = Harness::start("dlqshow", |_| {}).await;
+    harness.fund(USER, "g-1", BALANCE).await;
+
+    // A start without a model, which the worker denies and dead-letters.
+    let mut invalid = start(USER, STREAM, "m-invalid", ROUND_MODEL, 1, 1);
+    invalid
+        .as_object_mut()
+        .expect("a start is an object")
+        .remove("model");
+    let reply = harness.request(&invalid, "c-invalid").await;
+    assert_eq!(reply["reason"], "invalid_request", "{reply}");
+    harness.wait_dead_letter_count(1).await;
+    harness
+        .publish_dead_letter_copy(&broker_dead_letter())
+        .await;
+    harness.wait_dead_letter_count(2).await;
+
+    let listed = list(&harness).await;
+    let ours = listed
+        .iter()
+        .find(|letter| letter["reason"] == "invalid_field")
+        .unwrap_or_else(|| panic!("no invalid_field letter in {listed:?}"));
+    let ours_id = ours["id"].as_str().expect("a string id").to_owned();
+    let theirs = listed
+        .iter()
+        .find(|letter| letter["reason"] == "retries_exhausted")
+        .unwrap_or_else(|| panic!("no retries_exhausted letter in {listed:?}"));
+    let theirs_id = theirs["id"].as_str().expect("a string id").to_owned();
+
+    harness.wait_dead_letter_count(2).await;
+    let shown = show(&harness, &ours_id).await;
+    let properties = &shown["properties"];
+    assert_eq!(properties["correlation_id"], "c-invalid", "{shown}");
+    assert_eq!(properties["message_id"], "m-invalid", "{shown}");
+    assert_eq!(properties["content_type"], "application/json", "{shown}");
+    assert_eq!(properties["delivery_mode"], 2, "{shown}");
+    assert!(properties["reply_to"].is_string(), "{shown}");
+    assert!(properties.get("type").is_none(), "{shown}");
+    let headers = &shown["headers"];
+    assert_eq!(
+        headers["x-stream-credits-error"], "invalid_field",
+        "{shown}"
+    );
+    assert_eq!(headers["x-stream-credits-routing-key"], USER, "{shown}");
+    assert_eq!(
+        headers["x-stream-credits-dead-letter-id"],
+        ours_id.as_str(),
+        "{shown}"
+    );
+    assert!(headers["x-stream-credits-detail"].is_string(), "{shown}");
+    assert_eq!(shown["body"], invalid, "{shown}");
+
+    harness.wait_dead_letter_count(2).await;
+    let shown = show(&harness, &theirs_id).await;
+    let properties = &shown["properties"];
+    assert_eq!(properties["type"], "chunk.emitted", "{shown}");
+    assert_eq!(properties["message_id"], "m-broker", "{shown}");
+    assert_eq!(properties["delivery_mode"], 2, "{shown}");
+    assert!(properties.get("reply_to").is_none(), "{shown}");
+    let headers = &shown["headers"];
+    let death = &headers["x-death"][0];
+    assert_eq!(death["count"], 3, "{shown}");
+    assert_eq!(death["reason"], "delivery_limit", "{shown}");
+    assert_eq!(death["time"], 1_700_000_000, "{shown}");
+    assert_eq!(death["routing-keys"], serde_json::json!([USER]), "{shown}");
+    assert_eq!(headers["x-first-death-reason"], "delivery_limit", "{shown}");
+    let names: Vec<&String> = headers.as_object().expect("an object").keys().collect();
+    assert!(
+        !names
+            .iter()
+            .any(|name| name.starts_with("x-stream-credits-")),
+        "show added headers to a broker letter: {names:?}"
+    );
+
+    harness.wait_dead_letter_count(2).await;
+    harness.finish().await;
+}
+
+/// Runs a command that must fail with `code` and returns its standard
+/// error.
+async fn run_failing(harness: &Harness, args: &[&str], code: i32) -> String {
+    let output = harness.run_cli(args).await;
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(code), "{args:?}: {stderr}");
+    stderr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_unknown_ids_fail() {
+    let harness = Harness::start("dlqids", |_| {}).await;
+    dead_letter_chunks(&harness, &["s-kept", "s-purged"]).await;
+    let listed = list(&harness).await;
+    let purged = listed
+        .iter()
+        .find(|letter| letter["message_id"] == "s-purged-c0")
+        .and_then(|letter| letter["id"].as_str())
+        .unwrap_or_else(|| panic!("no letter of s-purged in {listed:?}"))
+        .to_owned();
+
+    harness.wait_dead_letter_count(2).await;
+    let args = [
+        "dlq",
+        "replay",
+        "--dry-run",
+        "--id",
+        &purged,
+        "--id",
+        "nope-1",
+    ];
+    let stderr = run_failing(&harness, &args, RUNTIME_FAILURE).await;
+    assert!(
+        stderr.contains("1 dead letter would be replayed"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("error: dead letter `nope-1` not found"),
+        "{stderr}"
+    );
+
+    harness.wait_dead_letter_count(2).await;
+    let args = ["dlq", "replay", "--id", "nope-1"];
+    let stderr = run_failing(&harness, &args, RUNTIME_FAILURE).await;
+    assert!(stderr.contains("0 dead letters replayed"), "{stderr}");
+    assert!(stderr.contains("`nope-1` not found"), "{stderr}");
+
+    harness.wait_dead_letter_count(2).await;
+    let purge = [
+        "dlq", "purge", "--id", &purged, "--id", "nope-2", "--id", "nope-3",
+    ];
+    let stderr = run_failing(&harness, &purge, USAGE_ERROR).await;
+    assert!(
+        stderr.starts_with("error: purge removes 1 dead letter for good"),
+        "{stderr}"
+    );
+
+    harness.wait_dead_letter_count(2).await;
+    let mut confirmed = purge.to_vec();
+    confirmed.push("--yes");
+    let stderr = run_failing(&harness, &confirmed, RUNTIME_FAILURE).await;
+    assert!(stderr.contains("purged 1 dead letter\n"), "{stderr}");
+    assert!(
+        stderr.contains("error: dead letters `nope-2`, `nope-3` not found"),
+        "{stderr}"
+    );
+
+    // The letter found was purged although other ids were not found.
+    harness.wait_dead_letter_count(1).await;
+    let left = list(&harness).await;
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0]["message_id"], "s-kept-c0", "{left:?}");
+    harness.wait_dead_letter_count(1).await;
     harness.finish().await;
 }

@@ -100,6 +100,9 @@ async fn endpoint_serves_accounts_and_metrics() {
 
     let (status, _) = get(&address, "/accounts/u-nobody").await;
     assert_eq!(status, 404);
+    let (status, body) = get(&address, "/accounts/u%00nul").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("NUL"), "{body}");
 
     let (status, metrics) = get(&address, "/metrics").await;
     assert_eq!(status, 200);

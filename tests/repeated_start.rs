@@ -1,9 +1,11 @@
 //! A new `message_id` for a stream with an open hold reuses the grant,
-//! and one for a denied stream is decided again.
+//! one for a denied stream is decided again, and one for a settled stream
+//! is answered `invalid_request`.
 
 mod common;
 
-use common::{Harness, ROUND_MODEL, start};
+use common::{Harness, ROUND_MODEL, end, start};
+use stream_credits::messages::EndStatus;
 
 /// Round-price hold of the held stream: 10 + 2 * 100 = 210.
 const HELD_RESERVED: i64 = 210;
@@ -72,6 +74,39 @@ async fn denied_stream_granted_after_top_up() {
     let account = harness.account(user).await;
     assert_eq!(account.balance, 600);
     assert_eq!(account.reserved, DENIED_REQUESTED);
+
+    harness.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_stream_start_is_answered() {
+    let harness = Harness::start("resettled", |_| {}).await;
+    let user = "u-settled";
+    harness.fund(user, "g-1", 1000).await;
+
+    let granted = harness
+        .request(&start(user, "s-1", "m-1", ROUND_MODEL, 10, 100), "c-1")
+        .await;
+    assert_eq!(granted["type"], "reservation.granted", "{granted}");
+    harness
+        .publish(&end(user, "s-1", "m-end", EndStatus::Completed, Some((10, 20))))
+        .await;
+    harness.event("reservation.settled", "s-1").await;
+
+    let again = harness
+        .request(&start(user, "s-1", "m-2", ROUND_MODEL, 10, 100), "c-2")
+        .await;
+    assert_eq!(again["type"], "reservation.denied", "{again}");
+    assert_eq!(again["reason"], "invalid_request", "{again}");
+    assert_eq!(again["stream_id"], "s-1", "{again}");
+    let detail = again["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("already settled"), "{again}");
+
+    let letters = harness.take_dead_letters().await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].error.as_deref(), Some("invalid_field"));
+    let account = harness.account(user).await;
+    assert_eq!(account.reserved, 0, "the second start holds nothing");
 
     harness.finish().await;
 }

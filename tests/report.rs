@@ -4,7 +4,8 @@
 //! dead letters. Every figure is checked against sums the test computes
 //! from what it sent. An account corrupted by hand makes the report exit
 //! 1 naming it, and an unreachable broker makes it exit 1 after printing
-//! the database figures.
+//! the database figures. Grants whose sum passes the i64 range are summed
+//! exactly.
 
 mod common;
 
@@ -519,6 +520,7 @@ async fn report_matches_driven_streams() {
         "Estimate accuracy by model",
         ROUND_MODEL,
         "unknown_stream",
+        "invalid_request denials are not recorded",
         "every check holds",
     ] {
         assert!(
@@ -614,4 +616,30 @@ async fn report_rejects_bad_since() {
         assert!(stderr.contains("RFC 3339"), "{since}: {stderr}");
         assert!(stderr.contains("24h"), "{since}: {stderr}");
     }
+}
+
+/// Sum of the two grants of [`report_sums_beyond_64_bits`], past the i64
+/// range: `i64::MAX + 1000`.
+const HUGE_GRANTS_SUM: &str = "9223372036854776807";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_sums_beyond_64_bits() {
+    let harness = Harness::start("reportbig", |_| {}).await;
+    harness.fund("u-report-huge", "g-huge", i64::MAX).await;
+    harness.fund("u-report-small", "g-small", 1000).await;
+    let expected_sum = i128::from(i64::MAX) + 1000;
+    assert_eq!(HUGE_GRANTS_SUM, expected_sum.to_string());
+
+    let (code, document) = report_json(&harness, &[], &[]).await;
+    assert_eq!(code, 0, "{document}");
+    let ledger = &document["ledger"];
+    assert_eq!(ledger["granted"], HUGE_GRANTS_SUM, "{ledger}");
+    assert_eq!(ledger["charged"], 0, "{ledger}");
+    assert_eq!(ledger["adjusted"], 0, "{ledger}");
+    assert_eq!(document["holds"]["open_reserved"], 0, "{document}");
+
+    let (code, text, stderr) = report(&harness, &[], &[]).await;
+    assert_eq!(code, 0, "{text}{stderr}");
+    assert!(text.contains(HUGE_GRANTS_SUM), "{text}");
+    harness.finish().await;
 }

@@ -1,5 +1,6 @@
-//! Passwords in `amqp.url` and `database.url` appear in no output of the
-//! binary, at log level `debug`, in text and in JSON logs.
+//! Passwords in `amqp.url` and `database.url`, before the host or in a
+//! `password` query parameter, appear in no output of the binary, at log
+//! level `debug`, in text and in JSON logs.
 //!
 //! Both URLs point at port 1 on the loopback address, where nothing
 //! listens, so every command fails to connect and reports the URL. No
@@ -8,17 +9,24 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 const AMQP_PASSWORD: &str = "SECRETPW1";
 const DATABASE_PASSWORD: &str = "SECRETPW2";
+const QUERY_PASSWORD: &str = "SECRETPW3";
 
 const AMQP_URL: &str = "amqp://guest:SECRETPW1@127.0.0.1:1/%2f";
 const DATABASE_URL: &str = "postgres://root:SECRETPW2@127.0.0.1:1/x";
 
 const AMQP_URL_REDACTED: &str = "amqp://guest:***@127.0.0.1:1/%2f";
 const DATABASE_URL_REDACTED: &str = "postgres://root:***@127.0.0.1:1/x";
+
+/// sqlx reads the password from the query when the URL has none before
+/// the host.
+const QUERY_URL: &str = "postgres://root@127.0.0.1:1/x?application_name=sc&password=SECRETPW3";
+const QUERY_URL_REDACTED: &str = "postgres://root@127.0.0.1:1/x?application_name=sc&password=***";
 
 /// Maximum wait for a command to fail, or for the worker to log its first
 /// failed attempt. A refused loopback connection fails at once, but a debug
@@ -48,8 +56,11 @@ struct Run {
 }
 
 impl Run {
-    fn start(args: &[&str], log_format: &str) -> Self {
-        let name = format!("{}-{log_format}", args.join("-"));
+    fn start(args: &[&str], log_format: &str, database_url: &str) -> Self {
+        // Tests run in parallel, and several run the same command.
+        static RUNS: AtomicUsize = AtomicUsize::new(0);
+        let run = RUNS.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{}-{log_format}-{run}", args.join("-"));
         let directory =
             std::env::temp_dir().join(format!("sc-secrets-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&directory).expect("create a temporary directory");
@@ -59,7 +70,7 @@ impl Run {
             .current_dir(&directory)
             .env_remove("RUST_LOG")
             .env("STREAM_CREDITS__AMQP__URL", AMQP_URL)
-            .env("STREAM_CREDITS__DATABASE__URL", DATABASE_URL)
+            .env("STREAM_CREDITS__DATABASE__URL", database_url)
             .env("STREAM_CREDITS__LOG__LEVEL", "debug")
             .env("STREAM_CREDITS__LOG__FORMAT", log_format)
             .stdin(Stdio::null())
@@ -114,8 +125,8 @@ fn read_lossy(path: &Path) -> String {
 }
 
 /// Runs a command that ends by itself and returns its output.
-fn run_to_end(args: &[&str], log_format: &str) -> Output {
-    let mut run = Run::start(args, log_format);
+fn run_to_end(args: &[&str], log_format: &str, database_url: &str) -> Output {
+    let mut run = Run::start(args, log_format, database_url);
     let exited = run.wait_for(|run| !run.is_running());
     let output = run.finish();
     assert!(
@@ -129,9 +140,9 @@ fn run_to_end(args: &[&str], log_format: &str) -> Output {
 
 /// Runs the worker until it has logged a failed attempt and retried for
 /// [`RUN_DURATION`], then kills it.
-fn run_worker(log_format: &str) -> Output {
-    let mut run = Run::start(&["run"], log_format);
-    let attempted = run.wait_for(|run| run.stderr().contains(DATABASE_URL_REDACTED));
+fn run_worker(log_format: &str, database_url: &str, redacted_url: &str) -> Output {
+    let mut run = Run::start(&["run"], log_format, database_url);
+    let attempted = run.wait_for(|run| run.stderr().contains(redacted_url));
     if attempted {
         sleep(RUN_DURATION);
     }
@@ -153,7 +164,7 @@ fn run_worker(log_format: &str) -> Output {
 /// Checks that neither password is in the output and that stderr names
 /// the URL the command failed on, redacted.
 fn assert_redacted(command: &str, output: &Output, redacted_url: &str) {
-    for password in [AMQP_PASSWORD, DATABASE_PASSWORD] {
+    for password in [AMQP_PASSWORD, DATABASE_PASSWORD, QUERY_PASSWORD] {
         assert!(
             !output.stdout.contains(password),
             "`{command}` printed a password on stdout:\n{}",
@@ -180,7 +191,7 @@ fn check_failing_commands(log_format: &str) {
     ];
     for (args, redacted_url) in commands {
         let command = args.join(" ");
-        let output = run_to_end(args, log_format);
+        let output = run_to_end(args, log_format, DATABASE_URL);
         assert_eq!(
             output.exit_code,
             Some(1),
@@ -203,12 +214,59 @@ fn commands_hide_passwords_in_json_logs() {
 
 #[test]
 fn worker_hides_passwords_in_text_logs() {
-    let output = run_worker("text");
+    let output = run_worker("text", DATABASE_URL, DATABASE_URL_REDACTED);
     assert_redacted("run", &output, DATABASE_URL_REDACTED);
 }
 
 #[test]
 fn worker_hides_passwords_in_json_logs() {
-    let output = run_worker("json");
+    let output = run_worker("json", DATABASE_URL, DATABASE_URL_REDACTED);
     assert_redacted("run", &output, DATABASE_URL_REDACTED);
+}
+
+#[test]
+fn query_password_hidden_in_command_errors() {
+    for log_format in ["text", "json"] {
+        let args = ["account", "show", "u"];
+        let output = run_to_end(&args, log_format, QUERY_URL);
+        assert_eq!(
+            output.exit_code,
+            Some(1),
+            "`account show` should fail to connect; stderr:\n{}",
+            output.stderr
+        );
+        assert_redacted("account show", &output, QUERY_URL_REDACTED);
+    }
+}
+
+#[test]
+fn query_password_hidden_in_worker_logs() {
+    for log_format in ["text", "json"] {
+        let output = run_worker(log_format, QUERY_URL, QUERY_URL_REDACTED);
+        assert_redacted("run", &output, QUERY_URL_REDACTED);
+    }
+}
+
+/// sqlx logs the value of a query parameter it does not read, so the
+/// binary rejects such a parameter before connecting.
+#[test]
+fn unread_query_password_rejected_unshown() {
+    let url = "postgres://root@127.0.0.1:1/x?sslpassword=SECRETPW3";
+    let output = run_to_end(&["account", "show", "u"], "text", url);
+    assert_eq!(output.exit_code, Some(2), "stderr:\n{}", output.stderr);
+    assert!(
+        output.stderr.contains("database.url"),
+        "stderr does not name the setting:\n{}",
+        output.stderr
+    );
+    assert!(
+        output.stderr.contains("`sslpassword`"),
+        "stderr does not name the parameter:\n{}",
+        output.stderr
+    );
+    assert!(
+        !output.stderr.contains(QUERY_PASSWORD),
+        "stderr shows the password:\n{}",
+        output.stderr
+    );
 }

@@ -1056,7 +1056,7 @@ pub fn metric_value(page: &str, series: &str) -> Option<f64> {
 /// Sends `GET path` over HTTP/1.1 to `address` and returns the status
 /// code and body. Enough for the worker's endpoint, which sends a
 /// `Content-Length` body and closes on `Connection: close`.
-async fn http_get(address: &str, path: &str) -> std::io::Result<(u16, String)> {
+pub async fn http_get(address: &str, path: &str) -> std::io::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let exchange = async {

@@ -1,0 +1,232 @@
+//! The values that the settings file and the environment set, kept with
+//! where each came from, so that an unknown key or a bad value is reported
+//! with its origin and the values the setting accepts.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use super::{ENV_PREFIX, Settings, SettingsError, redact_url};
+
+/// Key of the one setting that the environment gives as a comma-separated
+/// list.
+pub(super) const LIST_KEY: &str = "worker.home_shards";
+
+/// One value set by the file or a variable.
+struct SetValue {
+    /// The value as `config` reads it, for checking it against its type.
+    value: Value,
+    /// The value as the user wrote it, for messages.
+    text: String,
+    /// The file or the variable that set it.
+    origin: String,
+}
+
+/// Every value the file and the environment set, by dotted key. A later
+/// source replaces an earlier one's value, as it does in `config`.
+pub(super) struct SetValues {
+    /// The default settings, whose shape defines which keys exist.
+    defaults: Value,
+    values: BTreeMap<String, SetValue>,
+}
+
+impl SetValues {
+    pub(super) fn new() -> Self {
+        let defaults = serde_json::to_value(Settings::default()).expect("settings serialize");
+        Self {
+            defaults,
+            values: BTreeMap::new(),
+        }
+    }
+
+    /// Records every value of a settings file's table, which no longer
+    /// contains the `models` table. Rejects a key that no setting has.
+    pub(super) fn add_file(
+        &mut self,
+        path: &Path,
+        table: &toml::Table,
+    ) -> Result<(), SettingsError> {
+        let origin = path.display().to_string();
+        let mut leaves = Vec::new();
+        collect_leaves(String::new(), table, &mut leaves);
+        for (key, value) in leaves {
+            self.check_key(&key, &origin)?;
+            let text = match &value {
+                toml::Value::String(text) => text.clone(),
+                other => other.to_string(),
+            };
+            let value = serde_json::to_value(&value).unwrap_or(Value::Null);
+            self.insert(key, value, text, &origin);
+        }
+        Ok(())
+    }
+
+    /// Records `STREAM_CREDITS__SECTION__KEY` variables other than model
+    /// prices. Rejects a variable that names no setting.
+    pub(super) fn add_env(&mut self, vars: &[(String, String)]) -> Result<(), SettingsError> {
+        let prefix = format!("{ENV_PREFIX}__");
+        for (name, text) in vars {
+            let Some(rest) = name
+                .get(..prefix.len())
+                .filter(|head| head.eq_ignore_ascii_case(&prefix))
+                .map(|_| &name[prefix.len()..])
+            else {
+                continue;
+            };
+            let key = rest.to_ascii_lowercase().replace("__", ".");
+            let origin = format!("environment variable {name}");
+            self.check_key(&key, &origin)?;
+            let value = if key == LIST_KEY {
+                Value::Array(text.split(',').map(parse_scalar).collect())
+            } else {
+                parse_scalar(text)
+            };
+            self.insert(key, value, text.clone(), &origin);
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, key: String, value: Value, text: String, origin: &str) {
+        let origin = origin.to_owned();
+        self.values.insert(
+            key,
+            SetValue {
+                value,
+                text,
+                origin,
+            },
+        );
+    }
+
+    /// Fails when `key` is not a setting: unknown, or a section rather
+    /// than one of its keys.
+    fn check_key(&self, key: &str, origin: &str) -> Result<(), SettingsError> {
+        let mut node = &self.defaults;
+        let mut section = String::new();
+        for part in key.split('.') {
+            let child = match node {
+                Value::Object(fields) => fields.get(part),
+                _ => None,
+            };
+            let Some(child) = child else {
+                return Err(unknown_key(key, origin, &section, node));
+            };
+            node = child;
+            section = join_key(&section, part);
+        }
+        if node.is_object() {
+            return Err(unknown_key(key, origin, &section, node));
+        }
+        Ok(())
+    }
+
+    /// Turns an error of the `config` crate into one that names the key,
+    /// the value as written, where it was set and what the key accepts.
+    /// Falls back to the crate's own message when the key is unknown.
+    pub(super) fn explain(&self, error: config::ConfigError) -> SettingsError {
+        let key = match &error {
+            config::ConfigError::Type { key, .. } | config::ConfigError::At { key, .. } => {
+                key.as_deref()
+            }
+            _ => None,
+        };
+        // A key inside a list, such as `worker.home_shards[1]`, is reported
+        // as the list's key, which is what the user set.
+        let key = key.map(|key| key.split('[').next().unwrap_or(key));
+        let Some((key, set)) = key.and_then(|key| self.values.get_key_value(key)) else {
+            return SettingsError::Load(error);
+        };
+        let Some(expected) = self.expected(key, &set.value) else {
+            return SettingsError::Load(error);
+        };
+        let value = if key.ends_with(".url") {
+            redact_url(&set.text)
+        } else {
+            set.text.clone()
+        };
+        SettingsError::Value {
+            key: key.clone(),
+            value,
+            origin: set.origin.clone(),
+            expected,
+        }
+    }
+
+    /// Finds what `key` accepts by deserializing the defaults with only
+    /// `value` changed, so serde's message is about that key alone.
+    fn expected(&self, key: &str, value: &Value) -> Option<String> {
+        let mut tree = self.defaults.clone();
+        let slot = key
+            .split('.')
+            .try_fold(&mut tree, |node, part| node.get_mut(part))?;
+        *slot = value.clone();
+        let message = serde_json::from_value::<Settings>(tree).err()?.to_string();
+        let (_, expected) = message.rsplit_once(", expected ")?;
+        Some(describe_type(expected).to_owned())
+    }
+}
+
+/// Collects the dotted key and value of every non-table value of `table`.
+fn collect_leaves(prefix: String, table: &toml::Table, leaves: &mut Vec<(String, toml::Value)>) {
+    for (name, value) in table {
+        let key = join_key(&prefix, name);
+        match value {
+            toml::Value::Table(inner) => collect_leaves(key, inner, leaves),
+            other => leaves.push((key, other.clone())),
+        }
+    }
+}
+
+fn join_key(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+/// Reads a variable's value the way `config` does with `try_parsing`:
+/// a boolean, else an integer, else a float, else the text.
+fn parse_scalar(text: &str) -> Value {
+    if let Ok(flag) = text.to_ascii_lowercase().parse::<bool>() {
+        Value::Bool(flag)
+    } else if let Ok(integer) = text.parse::<i64>() {
+        Value::from(integer)
+    } else if let Ok(float) = text.parse::<f64>() {
+        Value::from(float)
+    } else {
+        Value::String(text.to_owned())
+    }
+}
+
+/// Lists the keys of the section at which `key` went wrong.
+fn unknown_key(key: &str, origin: &str, section: &str, node: &Value) -> SettingsError {
+    let empty = Map::new();
+    let fields = node.as_object().unwrap_or(&empty);
+    let mut names: Vec<String> = fields
+        .keys()
+        .map(|name| format!("`{}`", join_key(section, name)))
+        .collect();
+    // Model prices are read apart from the other sections.
+    if section.is_empty() {
+        names.push("`models`".to_owned());
+    }
+    SettingsError::UnknownKey {
+        key: key.to_owned(),
+        origin: origin.to_owned(),
+        expected: names.join(", "),
+    }
+}
+
+/// Replaces the Rust type names that serde puts in its messages with
+/// words an operator reads without knowing Rust.
+fn describe_type(expected: &str) -> &str {
+    match expected {
+        "u16" => "an integer from 0 to 65535",
+        "u32" => "an integer from 0 to 4294967295",
+        "u64" | "usize" => "an integer of 0 or more",
+        "i64" => "an integer",
+        other => other,
+    }
+}
