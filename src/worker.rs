@@ -428,7 +428,8 @@ impl Shard {
         let items: Vec<Item> = deliveries
             .into_iter()
             .map(|delivery| Item {
-                message: messages::decode(&delivery.data, limits),
+                message: messages::decode(&delivery.data, limits)
+                    .and_then(|message| routed_by_user(message, delivery.routing_key.as_str())),
                 reply_to: reply_address(&delivery),
                 delivery,
             })
@@ -737,6 +738,20 @@ fn invalid_request_reply(rejection: &Rejection, reply_to: &ReplyTo) -> Option<Ou
         correlation_id: reply_to.correlation_id.clone(),
         event_type: "reservation.denied".to_owned(),
         body: serde_json::to_value(&denial).expect("events serialize"),
+    })
+}
+
+/// Rejects a message published with a routing key other than its
+/// `user_id`: the hash exchange may have put it on another shard than the
+/// user's other messages, so their order is lost.
+fn routed_by_user(message: Inbound, routing_key: &str) -> Result<Inbound, Rejection> {
+    if message.user_id() == routing_key {
+        return Ok(message);
+    }
+    Err(Rejection {
+        reason: messages::RejectReason::InvalidField,
+        detail: "the routing key differs from field `user_id`; publish with routing key = user_id".to_owned(),
+        partial: message_ids(&message),
     })
 }
 

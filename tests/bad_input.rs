@@ -238,3 +238,30 @@ async fn nul_field_is_dead_lettered_without_retry() {
 
     harness.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misrouted_message_is_dead_lettered() {
+    let harness = Harness::start("misrouted", |_| {}).await;
+    harness.fund(USER, "g-1", 1000).await;
+
+    // A grant for USER published under another user's routing key may land
+    // on another shard than USER's other messages.
+    let misrouted = Outbound {
+        routing_key: "u-elsewhere".to_owned(),
+        body: serde_json::to_vec(&grant(USER, "g-misrouted", 5)).expect("serialize"),
+        message_id: Some("g-misrouted".to_owned()),
+        correlation_id: None,
+    };
+    harness.publish_all(&[misrouted]).await;
+
+    harness.wait_dead_letter_count(1).await;
+    let letters = harness.take_dead_letters().await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].error.as_deref(), Some("invalid_field"));
+    assert_eq!(letters[0].routing_key.as_deref(), Some("u-elsewhere"));
+    let detail = letters[0].detail.as_deref().unwrap_or_default();
+    assert!(detail.contains("routing key"), "{detail}");
+    assert_eq!(harness.account(USER).await.balance, 1000, "the misrouted grant is not applied");
+
+    harness.finish().await;
+}
