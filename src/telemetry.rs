@@ -11,7 +11,7 @@ use crate::settings::{LogFormat, LogSettings};
 pub fn init(settings: &LogSettings) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(&settings.level));
-    // Colour codes only help a person at a terminal; in a file or a log
+    // Colour codes help a person at a terminal, but in a file or a log
     // shipper they are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
