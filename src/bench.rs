@@ -474,24 +474,7 @@ async fn commits(pool: &PgPool) -> Result<i64, Failure> {
 /// Round trip of a start to its grant at a fixed rate of starts.
 async fn grant_rtt(connection: &Connection, names: &Names, run_id: &str, args: &BenchArgs) -> Result<(f64, f64), Failure> {
     let count = (args.grant_rate * args.grant_seconds) as usize;
-    let bodies: Vec<Outbound> = (0..count)
-        .map(|index| {
-            let user = user_id(run_id, index % 200);
-            let start = StreamStarted {
-                kind: Default::default(),
-                message_id: format!("bench-{run_id}-rtt-{index}"),
-                user_id: user.clone(),
-                stream_id: format!("bench-{run_id}-rtt-{index}"),
-                model: MODEL.to_owned(),
-                messages: None,
-                prompt: None,
-                prompt_tokens: Some(20),
-                max_output_tokens: Some(64),
-                occurred_at: chrono::Utc::now(),
-            };
-            outbound(&user, &start)
-        })
-        .collect();
+    let bodies = start_messages(run_id, "rtt", count);
     timed_requests(connection, &names.events, &bodies, args.grant_rate).await
 }
 

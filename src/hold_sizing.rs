@@ -141,7 +141,7 @@ pub async fn run(settings: Arc<Settings>, args: HoldSizingArgs) -> Result<(), Fa
     Ok(())
 }
 
-/// One completed chat per conversation, without `max_output_tokens`.
+/// Builds one completed chat per conversation, without `max_output_tokens`.
 fn chat_plans(
     conversations: &[replay::Conversation],
     args: &HoldSizingArgs,

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 const LATENCY_BUCKETS_SECONDS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
-/// Maximum wait for the database to answer `/readyz`.
+/// Maximum wait for the database to respond to the `/readyz` check.
 const READY_CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The dependencies `/readyz` checks.

@@ -27,7 +27,7 @@ use crate::settings::Settings;
 use crate::topology::Names;
 use crate::{db, dlq};
 
-/// Longest wait for RabbitMQ before the report marks the dead letters
+/// Maximum wait for RabbitMQ before the report marks the dead letters
 /// unavailable. Each letter costs one `basic.get` round trip, estimated at
 /// well under a millisecond on one host, so this covers a full read of
 /// [`dlq::SCAN_MAX`] letters.

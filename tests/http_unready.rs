@@ -1,5 +1,5 @@
-//! The HTTP endpoint while the database is unreachable: `/healthz` answers
-//! and `/readyz` says what the worker waits for.
+//! The HTTP endpoint while the database is unreachable: `/healthz` responds
+//! and `/readyz` reports what the worker waits for.
 
 mod common;
 
