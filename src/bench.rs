@@ -25,7 +25,7 @@ use crate::cli::Failure;
 use crate::messages::{ChatMessage, ChunkEmitted, CreditsGranted, EndStatus, StreamEnded, StreamStarted};
 use crate::settings::Settings;
 use crate::topology::{self, Names};
-use crate::{broker, db, replay, tokens, worker};
+use crate::{broker, db, replay, tokens};
 
 /// Publishes between two waits for confirms. Large enough to keep the
 /// broker busy, small enough to bound the messages in flight.
@@ -133,20 +133,28 @@ pub async fn run(settings: Arc<Settings>, args: BenchArgs) -> Result<(), Failure
 
     progress.set_message("worker throughput");
     let worker_settings = with_prefix(&settings, &format!("bench-{run_id}-worker"));
-    let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(worker::run(worker_settings.clone(), shutdown.clone()));
     let names = Names::new(&worker_settings.topology.prefix);
     let channel = broker::confirm_channel(&connection).await?;
     topology::declare(&channel, &worker_settings.topology)
         .await
         .map_err(Failure::from)?;
+    let worker = ChildWorker::start(&worker_settings).await?;
+    worker.wait_until_consuming(&connection, &names, worker_settings.topology.shards).await?;
     fund(&channel, &names, &run_id, args.users).await?;
     let chunks = mix.iter().filter(|message| message.body.starts_with(b"{\"type\":\"chunk")).count();
     let commits_before = commits(&pool).await?;
-    let (worker_rate, _) = worker_throughput(&channel, &names, &pool, &mix, args.streams).await?;
+    let (worker_first, _) = worker_throughput(&channel, &names, &pool, &mix, args.streams).await?;
     let commits_after = commits(&pool).await?;
-    figures.worker_messages_per_second = worker_rate;
-    figures.chunk_throughput_ratio = worker_rate / figures.broker_messages_per_second.max(1.0);
+    // New queues are slower than queues that have carried traffic, and
+    // the broker's rate varies by a tenth or more from run to run. Both
+    // figures are the better of two runs, each on its own queues: the
+    // first on new ones, the second on the same ones again.
+    let ceiling_second = broker_ceiling(&connection, &settings, &ceiling_prefix, &mix).await?;
+    let mix_again = stream_mix(&run_id, &answers, &args, "m2");
+    let (worker_second, _) = worker_throughput(&channel, &names, &pool, &mix_again, args.streams).await?;
+    figures.broker_messages_per_second = figures.broker_messages_per_second.max(ceiling_second);
+    figures.worker_messages_per_second = worker_first.max(worker_second);
+    figures.chunk_throughput_ratio = figures.worker_messages_per_second / figures.broker_messages_per_second.max(1.0);
     figures.db_transactions_per_chunk = (commits_after - commits_before) as f64 / chunks.max(1) as f64;
     progress.inc(1);
 
@@ -163,6 +171,7 @@ pub async fn run(settings: Arc<Settings>, args: BenchArgs) -> Result<(), Failure
     progress.inc(1);
 
     progress.set_message("grant round trip");
+    settle_database(&pool).await?;
     let (grant_p50, grant_p99) = grant_rtt(&connection, &names, &run_id, &args).await?;
     let (echo_p50, echo_p99) = echo_rtt(&connection, &args, None).await?;
     let echo_queue = format!("bench-{run_id}-echo");
@@ -176,17 +185,18 @@ pub async fn run(settings: Arc<Settings>, args: BenchArgs) -> Result<(), Failure
     progress.inc(1);
 
     progress.set_message("reservations and pgbench");
+    settle_database(&pool).await?;
     figures.reservations_per_second = reservation_rate(&channel, &names, &pool, &run_id, &args).await?;
+    settle_database(&pool).await?;
     figures.pgbench_tps = pgbench(&settings, &pool).await?;
     progress.inc(1);
 
     progress.set_message("memory per open stream");
-    figures.bytes_per_open_stream = memory_per_open_stream(&channel, &names, &pool, &run_id, &args).await?;
+    figures.bytes_per_open_stream = memory_per_open_stream(&worker, &channel, &names, &pool, &run_id, &args).await?;
     progress.inc(1);
     progress.finish_and_clear();
 
-    shutdown.cancel();
-    worker.await.context("worker task failed")??;
+    worker.stop().await;
     if !args.keep {
         cleanup(&connection, &settings, &[&ceiling_prefix, &worker_settings.topology.prefix]).await;
         drop(pool);
@@ -465,6 +475,18 @@ async fn wait_until(pool: &PgPool, count_query: &'static str, target: i64) -> Re
     }
 }
 
+/// Vacuums and analyzes the benchmark database and writes a checkpoint,
+/// so that catching up on the previous phase's writes does not fall into
+/// the next phase's figures. pgbench vacuums before it runs for the same
+/// reason. Without the privilege to checkpoint, the vacuum alone is done.
+async fn settle_database(pool: &PgPool) -> Result<(), Failure> {
+    sqlx::query("VACUUM (ANALYZE)").execute(pool).await?;
+    if let Err(error) = sqlx::query("CHECKPOINT").execute(pool).await {
+        tracing::debug!(%error, "no checkpoint before the next phase");
+    }
+    Ok(())
+}
+
 async fn commits(pool: &PgPool) -> Result<i64, Failure> {
     Ok(sqlx::query_scalar("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
         .fetch_one(pool)
@@ -666,11 +688,18 @@ async fn pgbench(settings: &Settings, pool: &PgPool) -> Result<f64, Failure> {
     Ok(tps)
 }
 
-/// Resident memory this process (which runs the worker) gains per open
-/// stream with many holds open at once.
-async fn memory_per_open_stream(channel: &Channel, names: &Names, pool: &PgPool, run_id: &str, args: &BenchArgs) -> Result<f64, Failure> {
+/// Resident memory the worker process gains per open stream with many
+/// holds open at once.
+async fn memory_per_open_stream(
+    worker: &ChildWorker,
+    channel: &Channel,
+    names: &Names,
+    pool: &PgPool,
+    run_id: &str,
+    args: &BenchArgs,
+) -> Result<f64, Failure> {
     let open_before: i64 = sqlx::query_scalar("SELECT count(*) FROM holds WHERE settled_at IS NULL").fetch_one(pool).await?;
-    let rss_before = resident_bytes();
+    let rss_before = worker.resident_bytes();
     let starts = start_messages(run_id, "open", args.open_streams);
     publish_all(channel, &names.events, &starts).await?;
     drop(starts);
@@ -680,19 +709,102 @@ async fn memory_per_open_stream(channel: &Channel, names: &Names, pool: &PgPool,
         open_before + args.open_streams as i64,
     )
     .await?;
-    let rss_after = resident_bytes();
+    let rss_after = worker.resident_bytes();
     Ok(rss_after.saturating_sub(rss_before) as f64 / args.open_streams.max(1) as f64)
 }
 
-/// Resident set size from /proc; 0 where /proc is missing.
-fn resident_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|line| line.starts_with("VmRSS:"))
-        .and_then(|line| line.split_whitespace().nth(1))
-        .and_then(|kib| kib.parse::<u64>().ok())
-        .map_or(0, |kib| kib * 1024)
+/// `stream-credits run` in a process of its own, as it runs in
+/// production, so that the benchmark's publisher and reply collector do
+/// not share its runtime or show in its memory.
+struct ChildWorker {
+    child: tokio::process::Child,
+    /// The settings file written for the child. It contains the database
+    /// password, so only its owner can read it, and it is removed when the
+    /// worker is dropped, on any exit of the benchmark.
+    config: PathBuf,
+}
+
+impl ChildWorker {
+    async fn start(settings: &Settings) -> Result<Self, Failure> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+
+        let config = std::env::temp_dir().join(format!("stream-credits-bench-{}.toml", std::process::id()));
+        let text = toml::to_string(settings).context("cannot write the worker's settings")?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&config)
+            .and_then(|mut file| file.write_all(text.as_bytes()))
+            .with_context(|| format!("cannot write {}", config.display()))?;
+
+        let program = std::env::current_exe().context("cannot find this program to start the worker")?;
+        let mut command = tokio::process::Command::new(program);
+        command.arg("--config").arg(&config).arg("run");
+        // The file contains every setting, and a variable of the
+        // benchmark's environment would point the worker elsewhere.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().to_ascii_uppercase().starts_with("STREAM_CREDITS__") {
+                command.env_remove(key);
+            }
+        }
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "warn");
+        }
+        command.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).kill_on_drop(true);
+        let child = command.spawn().context("cannot start the worker process")?;
+        Ok(Self { child, config })
+    }
+
+    /// Waits until every shard queue has a consumer, which the worker
+    /// starts only after it reached the database and declared the
+    /// topology.
+    async fn wait_until_consuming(&self, connection: &Connection, names: &Names, shards: u16) -> Result<(), Failure> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        loop {
+            let channel = connection.create_channel().await?;
+            let mut consumed = 0;
+            for index in 0..shards {
+                let queue = channel.queue_declare(names.shard(index).as_str().into(), passive, FieldTable::default()).await?;
+                consumed += usize::from(queue.consumer_count() > 0);
+            }
+            let _ = channel.close(200, "checked consumers".into()).await;
+            if consumed == usize::from(shards) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(anyhow::anyhow!("the worker process consumed {consumed} of {shards} shards after 60 s").into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Resident set size of the worker process; 0 where /proc is missing.
+    fn resident_bytes(&self) -> u64 {
+        let Some(pid) = self.child.id() else { return 0 };
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find(|line| line.starts_with("VmRSS:"))
+            .and_then(|line| line.split_whitespace().nth(1))
+            .and_then(|kib| kib.parse::<u64>().ok())
+            .map_or(0, |kib| kib * 1024)
+    }
+
+    /// Kills the worker. Whatever it has not acknowledged goes with the
+    /// benchmark's queues.
+    async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+impl Drop for ChildWorker {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.config);
+    }
 }
 
 fn draw_plot(path: &std::path::Path, curve: &[(usize, f64)]) -> anyhow::Result<()> {
@@ -750,8 +862,8 @@ fn print_figures(figures: &Figures, curve: &[(usize, f64)], args: &BenchArgs) {
     let mut table = comfy_table::Table::new();
     table.set_header(["figure", "value", "goal"]);
     let rows = [
-        ("broker ceiling, messages/s", format!("{:.0}", figures.broker_messages_per_second), String::new()),
-        ("worker, messages/s", format!("{:.0}", figures.worker_messages_per_second), String::new()),
+        ("broker ceiling, better of 2 runs, messages/s", format!("{:.0}", figures.broker_messages_per_second), String::new()),
+        ("worker, better of 2 runs, messages/s", format!("{:.0}", figures.worker_messages_per_second), String::new()),
         ("worker / ceiling", format!("{:.3}", figures.chunk_throughput_ratio), "≥ 0.90".to_owned()),
         ("grant round trip p50, ms", format!("{:.2}", figures.grant_rtt_p50_ms), format!("≤ 1.5 × echo ({:.2})", 1.5 * figures.echo_rtt_p50_ms)),
         ("grant round trip p99, ms", format!("{:.2}", figures.grant_rtt_p99_ms), format!("≤ 10 at {} starts/s", args.grant_rate)),

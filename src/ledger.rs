@@ -4,12 +4,14 @@
 //! owns, together with its processed-message row and the replies and
 //! events it causes (the outbox). Nothing here publishes or commits.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{PgConnection, Row};
+use sqlx::postgres::PgArguments;
+use sqlx::query::QueryAs;
+use sqlx::{PgConnection, Postgres, Row};
 use uuid::Uuid;
 
 use crate::messages::{
@@ -176,6 +178,30 @@ pub struct Ledger {
     settings: Arc<Settings>,
 }
 
+/// Inserts an event's outbox rows, one per destination, with the body of
+/// the row of a preceding `event` CTE (none, no rows). Parameters: $1
+/// event id, $2 to $4 the destinations, routing keys and correlation ids,
+/// $5 event type, $6 reservation id; $7 is left to the `event` CTE.
+macro_rules! outbox_insert {
+    () => {
+        "INSERT INTO outbox (event_id, destination, routing_key, correlation_id, \
+         event_type, reservation_id, body) \
+         SELECT $1, t.destination, t.routing_key, t.correlation_id, $5, $6, event.body \
+         FROM event, unnest($2::text[], $3::text[], $4::text[]) AS t(destination, routing_key, correlation_id) \
+         RETURNING outbox_id, destination"
+    };
+}
+
+/// The columns of a hold row but its stored grant reply.
+macro_rules! hold_columns_no_grant {
+    () => {
+        "reservation_id, user_id, stream_id, model, input_per_million, \
+         output_per_million, cached_input_per_million, encoding, reserved, initial_reserved, \
+         extensions, prompt_tokens, max_output_tokens, counted_completion_tokens, over_signalled, \
+         settle_status, charged, adjusted_at IS NOT NULL AS adjusted"
+    };
+}
+
 /// A hold row, as read for update.
 #[derive(Debug, Clone)]
 struct Hold {
@@ -195,13 +221,12 @@ struct Hold {
     settle_status: Option<String>,
     charged: Option<i64>,
     adjusted: bool,
+    /// The stored grant; `null` in a hold read only for counting.
     grant_reply: serde_json::Value,
 }
 
-const HOLD_COLUMNS: &str = "reservation_id, user_id, stream_id, model, input_per_million, \
-     output_per_million, cached_input_per_million, encoding, reserved, initial_reserved, \
-     extensions, prompt_tokens, max_output_tokens, counted_completion_tokens, over_signalled, \
-     settle_status, charged, adjusted_at IS NOT NULL AS adjusted, grant_reply";
+const HOLD_COLUMNS: &str = concat!(hold_columns_no_grant!(), ", grant_reply");
+const HOLD_COLUMNS_NO_GRANT: &str = hold_columns_no_grant!();
 
 impl Hold {
     fn from_row(row: &sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
@@ -297,6 +322,7 @@ impl Ledger {
             known: processed_replies(conn, messages).await?,
             ..BatchState::default()
         };
+        batch.lock_streams(conn, messages).await?;
         let mut results = Vec::with_capacity(messages.len());
         for (message, reply_to) in messages {
             let key = (message.user_id().to_owned(), message.message_id().to_owned());
@@ -396,8 +422,15 @@ impl Ledger {
         reply_to: &ReplyTo,
     ) -> Result<(Applied, Option<serde_json::Value>), LedgerError> {
         // A stream that already holds credits gets the same grant again
-        // and reserves nothing more.
-        if let Some(hold) = lock_hold(conn, &start.user_id, &start.stream_id).await? {
+        // and reserves nothing more. A stream the batch found without a
+        // hold needs no second look, unless this batch reserved for it.
+        let key = (start.user_id.clone(), start.stream_id.clone());
+        let existing = if batch.without_hold.remove(&key) {
+            None
+        } else {
+            lock_hold(conn, &start.user_id, &start.stream_id).await?
+        };
+        if let Some(hold) = existing {
             if hold.settle_status.is_none() {
                 let reply = hold.grant_reply.clone();
                 let mut applied = Applied::new(Outcome::Applied);
@@ -437,24 +470,6 @@ impl Ledger {
             unreachable!("a hold within limits.tokens_max fits in 64 bits");
         };
 
-        let available_after: Option<i64> = sqlx::query_scalar(
-            "UPDATE accounts \
-             SET reserved = reserved + $2, holds_open = holds_open + 1, updated_at = now() \
-             WHERE user_id = $1 AND balance - reserved >= $2 AND holds_open < $3 \
-             RETURNING balance - reserved",
-        )
-        .bind(&start.user_id)
-        .bind(requested.0)
-        .bind(i32::try_from(self.settings.reservations.max_active_per_user).unwrap_or(i32::MAX))
-        .fetch_optional(&mut *conn)
-        .await?;
-
-        let Some(available_after) = available_after else {
-            let denial = self.explain_denial(conn, start, requested).await?;
-            return Ok(self.record_denial(conn, denial, reply_to).await?);
-        };
-        assert!(available_after >= 0, "a hold never takes available below zero");
-
         let now = batch.now(conn).await?;
         let allowance = Allowance {
             prompt_tokens,
@@ -462,32 +477,33 @@ impl Ledger {
             sized_by,
             reserved: requested,
         };
-        let grant = self
-            .insert_hold(conn, start, &price, allowance, available_after, now)
-            .await?;
-        let body = serde_json::to_value(&grant).expect("events serialize");
+        let Some((body, outgoing)) = self
+            .reserve(conn, start, &price, allowance, now, reply_to)
+            .await?
+        else {
+            let denial = self.explain_denial(conn, start, requested).await?;
+            return Ok(self.record_denial(conn, denial, reply_to).await?);
+        };
         let mut applied = Applied::new(Outcome::Applied);
-        applied.outgoing = enqueue(
-            conn,
-            grant.event_id,
-            "reservation.granted",
-            Some(grant.reservation_id),
-            &body,
-            reply_to,
-        )
-        .await?;
+        applied.outgoing = outgoing;
         Ok((applied, Some(body)))
     }
 
-    async fn insert_hold(
+    /// Takes the hold's credits from the user's available credits when
+    /// they suffice and the user has a free stream slot, inserts the hold
+    /// and stores its grant in the outbox, all in one statement. Returns
+    /// the grant and where to send it, or `None` when nothing was taken.
+    /// PostgreSQL re-checks the guard after waiting for a concurrent
+    /// writer's row lock, so no race can overdraw.
+    async fn reserve(
         &self,
         conn: &mut PgConnection,
         start: &StreamStarted,
         price: &ModelPrice,
         allowance: Allowance,
-        available_after: i64,
         now: DateTime<Utc>,
-    ) -> Result<ReservationGranted, LedgerError> {
+        reply_to: &ReplyTo,
+    ) -> Result<Option<(serde_json::Value, Vec<Outgoing>)>, LedgerError> {
         let ttl = chrono::Duration::seconds(self.settings.reservations.ttl_seconds as i64);
         let grant = ReservationGranted {
             kind: Default::default(),
@@ -499,33 +515,56 @@ impl Ledger {
             reserved: allowance.reserved.0,
             prompt_tokens: allowance.prompt_tokens,
             max_output_tokens: allowance.max_output_tokens,
-            available_after,
+            // Set by the statement from the debited account.
+            available_after: 0,
             expires_at: now + ttl,
             sized_by: allowance.sized_by,
         };
-        sqlx::query(
-            "INSERT INTO holds (reservation_id, user_id, stream_id, model, input_per_million, \
-             output_per_million, cached_input_per_million, encoding, reserved, initial_reserved, \
-             prompt_tokens, max_output_tokens, last_event_at, opened_at, grant_reply, sized_by) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10, $11, $12, $12, $13, $14)",
-        )
-        .bind(grant.reservation_id)
-        .bind(&start.user_id)
-        .bind(&start.stream_id)
-        .bind(&start.model)
-        .bind(price.input_per_million)
-        .bind(price.output_per_million)
-        .bind(price.cached_input_per_million)
-        .bind(&price.encoding)
-        .bind(allowance.reserved.0)
-        .bind(to_i64(allowance.prompt_tokens))
-        .bind(to_i64(allowance.max_output_tokens))
-        .bind(now)
-        .bind(serde_json::to_value(&grant).expect("events serialize"))
-        .bind(allowance.sized_by.code())
-        .execute(&mut *conn)
-        .await?;
-        Ok(grant)
+        let mut body = serde_json::to_value(&grant).expect("events serialize");
+        let outbox = OutboxRows::new("reservation.granted", reply_to);
+        // $1 to $7 are the outbox's, $7 the grant without available_after.
+        let query = concat!(
+            "WITH debit AS (UPDATE accounts \
+                 SET reserved = reserved + $15, holds_open = holds_open + 1, updated_at = now() \
+                 WHERE user_id = $8 AND balance - reserved >= $15 AND holds_open < $20 \
+                 RETURNING balance - reserved AS available_after), \
+             event AS (SELECT jsonb_set($7::jsonb, '{available_after}', to_jsonb(available_after)) AS body \
+                 FROM debit), \
+             hold AS (INSERT INTO holds (reservation_id, user_id, stream_id, model, \
+                 input_per_million, output_per_million, cached_input_per_million, encoding, reserved, \
+                 initial_reserved, prompt_tokens, max_output_tokens, last_event_at, opened_at, \
+                 grant_reply, sized_by) \
+                 SELECT $6, $8, $9, $10, $11, $12, $13, $14, $15, $15, $16, $17, $18, $18, body, $19 \
+                 FROM event), \
+             stored AS (",
+            outbox_insert!(),
+            ") SELECT stored.outbox_id, stored.destination, debit.available_after FROM stored, debit"
+        );
+        let rows: Vec<(i64, String, i64)> = outbox
+            .bind(sqlx::query_as(query), grant.event_id, Some(grant.reservation_id), &body)
+            .bind(&start.user_id)
+            .bind(&start.stream_id)
+            .bind(&start.model)
+            .bind(price.input_per_million)
+            .bind(price.output_per_million)
+            .bind(price.cached_input_per_million)
+            .bind(&price.encoding)
+            .bind(allowance.reserved.0)
+            .bind(to_i64(allowance.prompt_tokens))
+            .bind(to_i64(allowance.max_output_tokens))
+            .bind(now)
+            .bind(allowance.sized_by.code())
+            .bind(i32::try_from(self.settings.reservations.max_active_per_user).unwrap_or(i32::MAX))
+            .fetch_all(&mut *conn)
+            .await?;
+        let Some(&(_, _, available_after)) = rows.first() else {
+            return Ok(None);
+        };
+        assert!(available_after >= 0, "a hold never takes available below zero");
+        body["available_after"] = available_after.into();
+        let ids = rows.into_iter().map(|(id, destination, _)| (id, destination)).collect();
+        let outgoing = outbox.outgoing(ids, &body);
+        Ok(Some((body, outgoing)))
     }
 
     async fn explain_denial(
@@ -611,18 +650,12 @@ impl Ledger {
     ) -> Result<Applied, LedgerError> {
         let stream_key = (chunk.user_id.clone(), chunk.stream_id.clone());
         if !batch.pending.contains_key(&stream_key) {
+            // The stream was settled or started earlier in this batch, or
+            // its hold did not exist when the batch began.
             let Some(hold) = lock_hold(conn, &chunk.user_id, &chunk.stream_id).await? else {
                 return Ok(Applied::new(Outcome::DeadLetter(unknown_stream())));
             };
-            let counted = hold.counted_completion_tokens;
-            let pending = PendingCounts {
-                hold,
-                counted_completion_tokens: counted,
-                chunks: 0,
-                signalled: false,
-                growth_failed: false,
-            };
-            batch.pending.insert(stream_key.clone(), pending);
+            batch.pending.insert(stream_key.clone(), PendingCounts::new(hold));
         }
         let pending = batch.pending.get_mut(&stream_key).expect("inserted above");
         if pending.hold.settle_status.is_some() {
@@ -916,6 +949,18 @@ struct PendingCounts {
     growth_failed: bool,
 }
 
+impl PendingCounts {
+    fn new(hold: Hold) -> Self {
+        Self {
+            counted_completion_tokens: hold.counted_completion_tokens,
+            hold,
+            chunks: 0,
+            signalled: false,
+            growth_failed: false,
+        }
+    }
+}
+
 /// What a batch has applied but not yet written.
 #[derive(Default)]
 struct BatchState {
@@ -924,6 +969,10 @@ struct BatchState {
     known: HashMap<(String, String), Option<serde_json::Value>>,
     /// Counts by (user, stream).
     pending: HashMap<(String, String), PendingCounts>,
+    /// Streams of the batch's starts that had no hold when it began. The
+    /// first start of such a stream takes it out, so any later start of
+    /// the stream in the batch looks for the hold again.
+    without_hold: HashSet<(String, String)>,
     /// Processed-message rows to insert: user, message id, type, reply.
     processed: Vec<(String, String, &'static str, Option<serde_json::Value>)>,
     /// The transaction's `now()`, read once.
@@ -940,6 +989,55 @@ impl BatchState {
         let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&mut *conn).await?;
         self.now = Some(now);
         Ok(now)
+    }
+
+    /// Locks, in one statement, the holds of every stream the batch has
+    /// chunks or starts for, so that neither costs a statement per stream
+    /// to find its hold. A chunk whose hold does not exist yet, because
+    /// its start is in this batch or has not arrived, looks it up again.
+    async fn lock_streams(
+        &mut self,
+        conn: &mut PgConnection,
+        messages: &[(&Inbound, &ReplyTo)],
+    ) -> Result<(), LedgerError> {
+        let mut streams: Vec<(&str, &str)> = messages
+            .iter()
+            .filter_map(|(message, _)| match message {
+                Inbound::ChunkEmitted(chunk) => Some((chunk.user_id.as_str(), chunk.stream_id.as_str())),
+                Inbound::StreamStarted(start) => Some((start.user_id.as_str(), start.stream_id.as_str())),
+                _ => None,
+            })
+            .collect();
+        streams.sort_unstable();
+        streams.dedup();
+        if streams.is_empty() {
+            return Ok(());
+        }
+        let (users, stream_ids): (Vec<&str>, Vec<&str>) = streams.into_iter().unzip();
+        // Rows are locked in the order of the sorted keys.
+        // Counting never reads the stored grant, so it is not sent.
+        let query = format!(
+            "SELECT h.* FROM unnest($1::text[], $2::text[]) AS k(user_id, stream_id) \
+             CROSS JOIN LATERAL (SELECT {HOLD_COLUMNS_NO_GRANT}, 'null'::jsonb AS grant_reply FROM holds \
+                 WHERE user_id = k.user_id AND stream_id = k.stream_id LIMIT 1 FOR UPDATE) AS h"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(query))
+            .bind(&users)
+            .bind(&stream_ids)
+            .fetch_all(&mut *conn)
+            .await?;
+        for row in &rows {
+            let hold = Hold::from_row(row)?;
+            let key = (hold.user_id.clone(), hold.stream_id.clone());
+            self.pending.insert(key, PendingCounts::new(hold));
+        }
+        for (user_id, stream_id) in users.iter().zip(&stream_ids) {
+            let key = ((*user_id).to_owned(), (*stream_id).to_owned());
+            if !self.pending.contains_key(&key) {
+                self.without_hold.insert(key);
+            }
+        }
+        Ok(())
     }
 
     fn record(&mut self, key: (String, String), kind: &'static str, reply: Option<serde_json::Value>) {
@@ -1105,12 +1203,17 @@ async fn write_counts(conn: &mut PgConnection, pending: &[PendingCounts]) -> Res
     let counted: Vec<i64> = written.iter().map(|counts| to_i64(counts.counted_completion_tokens)).collect();
     let chunks: Vec<i64> = written.iter().map(|counts| to_i64(counts.chunks)).collect();
     let signalled: Vec<bool> = written.iter().map(|counts| counts.signalled).collect();
+    // Each row is found by its key and updated by its row address, so the
+    // update never scans the table (see `processed_replies`). The rows are
+    // locked by this transaction, so their addresses cannot change.
     sqlx::query(
         "UPDATE holds h SET counted_completion_tokens = v.counted, chunks = h.chunks + v.chunks, \
          over_signalled = h.over_signalled OR v.signalled, last_event_at = now() \
          FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bool[]) \
          AS v(reservation_id, counted, chunks, signalled) \
-         WHERE h.reservation_id = v.reservation_id",
+         CROSS JOIN LATERAL (SELECT ctid AS address FROM holds \
+             WHERE reservation_id = v.reservation_id LIMIT 1) AS found \
+         WHERE h.ctid = found.address",
     )
     .bind(ids)
     .bind(counted)
@@ -1122,6 +1225,11 @@ async fn write_counts(conn: &mut PgConnection, pending: &[PendingCounts]) -> Res
 }
 
 /// Looks up which messages were processed before, with a start's reply.
+///
+/// Statements that join an array of keys to a table look each key up in
+/// a `LATERAL … LIMIT 1` subquery. A plain join lets PostgreSQL cache a
+/// plan made while the table was small, which hashes the whole table, and
+/// keep using it long after the table has grown.
 async fn processed_replies(
     conn: &mut PgConnection,
     messages: &[(&Inbound, &ReplyTo)],
@@ -1129,9 +1237,10 @@ async fn processed_replies(
     let users: Vec<&str> = messages.iter().map(|(message, _)| message.user_id()).collect();
     let ids: Vec<&str> = messages.iter().map(|(message, _)| message.message_id()).collect();
     let rows: Vec<(String, String, Option<serde_json::Value>)> = sqlx::query_as(
-        "SELECT p.user_id, p.message_id, p.reply FROM processed_messages p \
-         JOIN unnest($1::text[], $2::text[]) AS k(user_id, message_id) \
-         ON p.user_id = k.user_id AND p.message_id = k.message_id",
+        "SELECT p.user_id, p.message_id, p.reply \
+         FROM unnest($1::text[], $2::text[]) AS k(user_id, message_id) \
+         CROSS JOIN LATERAL (SELECT * FROM processed_messages \
+             WHERE user_id = k.user_id AND message_id = k.message_id LIMIT 1) AS p",
     )
     .bind(users)
     .bind(ids)
@@ -1223,61 +1332,83 @@ async fn insert_ledger_entry(
     Ok(())
 }
 
-/// Stores an event in the outbox: once for the results exchange and, when
+/// The outbox rows of one event: once for the results exchange and, when
 /// the delivery asked for a reply, once more for its `reply_to` queue.
+struct OutboxRows {
+    event_type: &'static str,
+    targets: Vec<(Destination, String, Option<String>)>,
+}
+
+impl OutboxRows {
+    fn new(event_type: &'static str, reply_to: &ReplyTo) -> Self {
+        let mut targets = vec![(Destination::Event, event_type.to_owned(), None)];
+        if let Some(queue) = &reply_to.queue {
+            targets.push((Destination::Reply, queue.clone(), reply_to.correlation_id.clone()));
+        }
+        Self { event_type, targets }
+    }
+
+    /// Binds $1 to $7 of `outbox_insert!` to `query`, $7 being `body`.
+    fn bind<'q, O>(
+        &'q self,
+        query: QueryAs<'q, Postgres, O, PgArguments>,
+        event_id: Uuid,
+        reservation_id: Option<Uuid>,
+        body: &'q serde_json::Value,
+    ) -> QueryAs<'q, Postgres, O, PgArguments> {
+        let destinations: Vec<&str> = self.targets.iter().map(|target| target.0.code()).collect();
+        let routing_keys: Vec<&str> = self.targets.iter().map(|target| target.1.as_str()).collect();
+        let correlation_ids: Vec<Option<&str>> = self.targets.iter().map(|target| target.2.as_deref()).collect();
+        query
+            .bind(event_id)
+            .bind(destinations)
+            .bind(routing_keys)
+            .bind(correlation_ids)
+            .bind(self.event_type)
+            .bind(reservation_id)
+            .bind(body)
+    }
+
+    /// Returns the messages to publish, each with the id of its stored row.
+    fn outgoing(self, ids: Vec<(i64, String)>, body: &serde_json::Value) -> Vec<Outgoing> {
+        let event_type = self.event_type;
+        self.targets
+            .into_iter()
+            .map(|(destination, routing_key, correlation_id)| {
+                let outbox_id = ids
+                    .iter()
+                    .find(|(_, code)| code == destination.code())
+                    .map(|(id, _)| *id)
+                    .expect("one outbox row per destination");
+                Outgoing {
+                    outbox_id: Some(outbox_id),
+                    destination,
+                    routing_key,
+                    correlation_id,
+                    event_type: event_type.to_owned(),
+                    body: body.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Stores an event in the outbox and returns the messages to publish.
 async fn enqueue(
     conn: &mut PgConnection,
     event_id: Uuid,
-    event_type: &str,
+    event_type: &'static str,
     reservation_id: Option<Uuid>,
     body: &serde_json::Value,
     reply_to: &ReplyTo,
 ) -> Result<Vec<Outgoing>, LedgerError> {
-    let mut targets = vec![(Destination::Event, event_type.to_owned(), None)];
-    if let Some(queue) = &reply_to.queue {
-        targets.push((Destination::Reply, queue.clone(), reply_to.correlation_id.clone()));
-    }
-    let destinations: Vec<&str> = targets.iter().map(|target| target.0.code()).collect();
-    let routing_keys: Vec<&str> = targets.iter().map(|target| target.1.as_str()).collect();
-    let correlation_ids: Vec<Option<&str>> = targets.iter().map(|target| target.2.as_deref()).collect();
-
-    // One statement writes the event and, when asked, the reply.
-    let ids: Vec<(i64, String)> = sqlx::query_as(
-        "INSERT INTO outbox (event_id, destination, routing_key, correlation_id, \
-         event_type, reservation_id, body) \
-         SELECT $1, t.destination, t.routing_key, t.correlation_id, $5, $6, $7 \
-         FROM unnest($2::text[], $3::text[], $4::text[]) AS t(destination, routing_key, correlation_id) \
-         RETURNING outbox_id, destination",
-    )
-    .bind(event_id)
-    .bind(destinations)
-    .bind(routing_keys)
-    .bind(correlation_ids)
-    .bind(event_type)
-    .bind(reservation_id)
-    .bind(body)
-    .fetch_all(&mut *conn)
-    .await?;
-
-    let outgoing = targets
-        .into_iter()
-        .map(|(destination, routing_key, correlation_id)| {
-            let outbox_id = ids
-                .iter()
-                .find(|(_, code)| code == destination.code())
-                .map(|(id, _)| *id)
-                .expect("one outbox row per destination");
-            Outgoing {
-                outbox_id: Some(outbox_id),
-                destination,
-                routing_key,
-                correlation_id,
-                event_type: event_type.to_owned(),
-                body: body.clone(),
-            }
-        })
-        .collect();
-    Ok(outgoing)
+    let outbox = OutboxRows::new(event_type, reply_to);
+    let query = concat!("WITH event AS (SELECT $7::jsonb AS body) ", outbox_insert!());
+    let ids = outbox
+        .bind(sqlx::query_as(query), event_id, reservation_id, body)
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(outbox.outgoing(ids, body))
 }
 
 /// The stored reply of a start, addressed to this delivery's `reply_to`.

@@ -327,6 +327,11 @@ pub struct LimitSettings {
 pub struct WorkerSettings {
     /// Most deliveries applied in one database transaction.
     pub batch_messages_max: usize,
+    /// Maximum wait of a batch for more deliveries before it is applied,
+    /// in milliseconds. Larger batches cost the database fewer
+    /// transactions and hold writes per message. A delivery with
+    /// `reply_to` ends the wait at once, and 0 applies what has arrived.
+    pub batch_linger_ms: u64,
     /// Longest wait for in-flight work on SIGTERM or SIGINT.
     pub shutdown_timeout_seconds: u64,
     /// Shards this process consumes at once; empty means every shard.
@@ -406,6 +411,7 @@ impl Default for Settings {
             },
             worker: WorkerSettings {
                 batch_messages_max: 256,
+                batch_linger_ms: 20,
                 shutdown_timeout_seconds: 30,
                 home_shards: Vec::new(),
                 standby_delay_seconds: 15,
@@ -569,6 +575,15 @@ impl Settings {
             return Err(SettingsError::invalid(
                 "reservations.ttl_seconds",
                 format!("must be at most {TTL_SECONDS_MAX}"),
+            ));
+        }
+        // A longer wait would hold every delivery of a quiet shard
+        // unacknowledged for seconds and gain nothing more in batch size.
+        const LINGER_MS_MAX: u64 = 1_000;
+        if self.worker.batch_linger_ms > LINGER_MS_MAX {
+            return Err(SettingsError::invalid(
+                "worker.batch_linger_ms",
+                format!("must be at most {LINGER_MS_MAX}"),
             ));
         }
         Ok(())
@@ -893,6 +908,15 @@ mod tests {
         let settings = Settings::load_unvalidated(Some(&path), Vec::new()).unwrap();
         let text = settings.validate().unwrap_err().to_string();
         assert!(text.contains("models.gpt-4o.input_per_million"), "{text}");
+    }
+
+    #[test]
+    fn batch_linger_above_a_second_names_the_key() {
+        let text = error_text(&[("STREAM_CREDITS__WORKER__BATCH_LINGER_MS", "1001")]);
+        assert!(text.contains("worker.batch_linger_ms"), "{text}");
+        assert!(text.contains("at most 1000"), "{text}");
+        let settings = load_with(&[("STREAM_CREDITS__WORKER__BATCH_LINGER_MS", "1000")]).unwrap();
+        assert_eq!(settings.worker.batch_linger_ms, 1000);
     }
 
     #[test]

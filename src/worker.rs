@@ -351,6 +351,7 @@ impl Shard {
         debug!(queue = %self.queue, "subscribed");
 
         let batch_max = self.worker.settings.worker.batch_messages_max;
+        let linger = Duration::from_millis(self.worker.settings.worker.batch_linger_ms);
         let mut database_down = false;
         loop {
             let first = tokio::select! {
@@ -372,6 +373,8 @@ impl Shard {
                     _ => break,
                 }
             }
+            self.linger(&mut consumer, &mut deliveries, received + linger, batch_max)
+                .await?;
             if !self.process(deliveries, received).await? {
                 database_down = true;
                 break;
@@ -384,6 +387,40 @@ impl Shard {
             .await;
         if !database_down {
             self.drain(&mut consumer, batch_max).await?;
+        }
+        Ok(())
+    }
+
+    /// Adds deliveries to a batch until `until`, until it is full, or until
+    /// one of them requests a reply. A busy shard then applies more
+    /// messages per transaction, and a start's reply is sent without
+    /// delay. Shutdown ends the wait, and the batch is applied as it is.
+    async fn linger(
+        &self,
+        consumer: &mut lapin::Consumer,
+        deliveries: &mut Vec<Delivery>,
+        until: Instant,
+        batch_max: usize,
+    ) -> Result<(), SessionError> {
+        if deliveries.iter().any(awaits_reply) {
+            return Ok(());
+        }
+        let until = tokio::time::Instant::from_std(until);
+        while deliveries.len() < batch_max {
+            let next = tokio::select! {
+                biased;
+                () = self.stop.cancelled() => break,
+                () = tokio::time::sleep_until(until) => break,
+                next = consumer.next() => next,
+            };
+            // A consumer that ended is reported by the next read.
+            let Some(delivery) = next else { break };
+            let delivery = delivery?;
+            let answer_now = awaits_reply(&delivery);
+            deliveries.push(delivery);
+            if answer_now {
+                break;
+            }
         }
         Ok(())
     }
@@ -693,6 +730,11 @@ fn exhausted(error: &LedgerError, attempts: u32) -> Rejection {
         ),
         partial: Default::default(),
     }
+}
+
+/// Returns whether the delivery requests a reply (`reply_to` is set).
+fn awaits_reply(delivery: &Delivery) -> bool {
+    delivery.properties.reply_to().is_some()
 }
 
 fn reply_address(delivery: &Delivery) -> ReplyTo {

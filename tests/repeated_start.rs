@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Harness, ROUND_MODEL, end, start};
+use common::{Harness, Outbound, ROUND_MODEL, end, start};
 use stream_credits::messages::EndStatus;
 
 /// Round-price hold of the held stream: 10 + 2 * 100 = 210.
@@ -12,6 +12,15 @@ const HELD_RESERVED: i64 = 210;
 
 /// Round-price hold of the denied stream: 100 + 2 * 100 = 300.
 const DENIED_REQUESTED: i64 = 300;
+
+/// Counts the holds of `user`, open or settled.
+async fn hold_count(harness: &Harness, user: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM holds WHERE user_id = $1")
+        .bind(user)
+        .fetch_one(&harness.pool)
+        .await
+        .expect("count holds")
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_stream_reuses_grant() {
@@ -35,12 +44,48 @@ async fn held_stream_reuses_grant() {
     let account = harness.account(user).await;
     assert_eq!(account.reserved, HELD_RESERVED);
     assert_eq!(account.available, 1000 - HELD_RESERVED);
-    let holds: i64 = sqlx::query_scalar("SELECT count(*) FROM holds WHERE user_id = $1")
-        .bind(user)
-        .fetch_one(&harness.pool)
-        .await
-        .expect("count holds");
-    assert_eq!(holds, 1);
+    assert_eq!(hold_count(&harness, user).await, 1);
+
+    harness.finish().await;
+}
+
+/// Both starts reach the worker in one batch. The first requests no
+/// reply, so the shard waits for more deliveries, and the second requests
+/// one and ends the wait. The batch found no hold for the stream when it
+/// began; the second start must still find the hold the first placed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_start_in_one_batch_reuses_grant() {
+    let harness = Harness::start("reusebatch", |settings| {
+        settings.worker.batch_linger_ms = 1_000;
+    })
+    .await;
+    let user = "u-batch";
+    harness.fund(user, "g-1", 1000).await;
+
+    harness
+        .publish_all(&[
+            Outbound::json(&start(user, "s-1", "m-1", ROUND_MODEL, 10, 100)),
+            Outbound::request(&start(user, "s-1", "m-2", ROUND_MODEL, 10, 100), "c-2"),
+        ])
+        .await;
+    let again = harness.reply("c-2").await;
+    let granted = harness.event("reservation.granted", "s-1").await;
+    assert_eq!(again, granted, "the second start gets the first one's grant");
+
+    // now() is the same for every statement of one transaction.
+    let transactions: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT processed_at) FROM processed_messages \
+         WHERE user_id = $1 AND message_id IN ('m-1', 'm-2')",
+    )
+    .bind(user)
+    .fetch_one(&harness.pool)
+    .await
+    .expect("read processed messages");
+    assert_eq!(transactions, 1, "both starts were applied in one transaction");
+    let account = harness.account(user).await;
+    assert_eq!(account.reserved, HELD_RESERVED);
+    assert_eq!(hold_count(&harness, user).await, 1);
+    assert_eq!(harness.events("reservation.granted", "s-1").len(), 1);
 
     harness.finish().await;
 }

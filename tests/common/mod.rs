@@ -46,6 +46,9 @@ pub const ROUND_MODEL: &str = "round-price";
 /// Output allowance of [`ROUND_MODEL`] when a start gives none.
 pub const ROUND_MODEL_MAX_OUTPUT: u64 = 100;
 
+/// `application_name` of the harness's own database sessions.
+const HARNESS_APPLICATION: &str = "stream-credits-test-harness";
+
 /// Maximum wait for a reply, an event, a dead letter or a database state.
 pub const WAIT: Duration = Duration::from_secs(20);
 
@@ -274,7 +277,10 @@ impl Harness {
         // The harness reaches the database directly, even when `configure`
         // sends the worker through another address.
         let mut direct = settings.database.clone();
-        direct.url = SecretUrl::new(database_url(&database_name));
+        direct.url = SecretUrl::new(format!(
+            "{}?application_name={HARNESS_APPLICATION}",
+            database_url(&database_name)
+        ));
         let pool = db::migrate(&direct)
             .await
             .unwrap_or_else(|error| panic!("cannot create database {database_name}: {error}"));
@@ -851,25 +857,25 @@ impl Harness {
         self.barrier(user_id).await;
     }
 
-    /// Lists the state, wait event and statement start of every other
-    /// session on the test's database, to show what a stuck worker keeps
-    /// open.
+    /// Lists the state, wait event and statement start of every session
+    /// on the test's database but the harness's own, to show what a stuck
+    /// worker keeps open.
     async fn database_sessions(&self) -> Vec<(String, String, String)> {
         let sessions = sqlx::query_as(
             "SELECT coalesce(state, ''), coalesce(wait_event, ''), left(query, 80) \
-             FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+             FROM pg_stat_activity WHERE datname = $1 AND application_name <> $2",
         )
         .bind(&self.database_name)
+        .bind(HARNESS_APPLICATION)
         .fetch_all(&self.pool)
         .await;
         sessions
             .unwrap_or_else(|error| vec![("unknown".to_owned(), error.to_string(), String::new())])
     }
 
-    /// Stops the worker, checks that it stopped cleanly and that no
-    /// ledger invariant is broken anywhere in the database. The database and
-    /// the topology are removed when `self` drops.
-    pub async fn finish(mut self) {
+    /// Stops the worker and checks that it stopped cleanly. Does nothing
+    /// when it is already stopped.
+    pub async fn stop_worker(&mut self) {
         self.shutdown.cancel();
         if let Some(worker) = self.worker.take() {
             let Ok(stopped) = tokio::time::timeout(STOP_WAIT, worker).await else {
@@ -886,6 +892,30 @@ impl Harness {
                 "the worker stopped with an error: {result:?}"
             );
         }
+    }
+
+    /// Waits until the stopped worker's database sessions have ended, and
+    /// with them their unsent table statistics.
+    pub async fn wait_for_worker_sessions(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let sessions = self.database_sessions().await;
+            if sessions.is_empty() {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "worker sessions still open after 10 s: {sessions:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the worker, checks that it stopped cleanly and that no
+    /// ledger invariant is broken anywhere in the database. The database and
+    /// the topology are removed when `self` drops.
+    pub async fn finish(mut self) {
+        self.stop_worker().await;
 
         let mut conn = PgConnection::connect(&database_url(&self.database_name))
             .await
