@@ -332,6 +332,10 @@ pub struct WorkerSettings {
     /// transactions and hold writes per message. A delivery with
     /// `reply_to` ends the wait at once, and 0 applies what has arrived.
     pub batch_linger_ms: u64,
+    /// Batches of one shard applied at once. Batches that share no user
+    /// run side by side and are acknowledged in the order they were
+    /// received. Each holds a database connection while it applies.
+    pub batches_in_flight: usize,
     /// Longest wait for in-flight work on SIGTERM or SIGINT.
     pub shutdown_timeout_seconds: u64,
     /// Shards this process consumes at once; empty means every shard.
@@ -412,6 +416,7 @@ impl Default for Settings {
             worker: WorkerSettings {
                 batch_messages_max: 256,
                 batch_linger_ms: 20,
+                batches_in_flight: 2,
                 shutdown_timeout_seconds: 30,
                 home_shards: Vec::new(),
                 standby_delay_seconds: 15,
@@ -531,7 +536,7 @@ impl Settings {
     }
 
     fn validate_counts(&self) -> Result<(), SettingsError> {
-        let positive: [(&str, u64); 9] = [
+        let positive: [(&str, u64); 10] = [
             (
                 "database.max_connections",
                 self.database.max_connections.into(),
@@ -556,6 +561,10 @@ impl Settings {
                 "worker.batch_messages_max",
                 self.worker.batch_messages_max as u64,
             ),
+            (
+                "worker.batches_in_flight",
+                self.worker.batches_in_flight as u64,
+            ),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -575,6 +584,14 @@ impl Settings {
             return Err(SettingsError::invalid(
                 "reservations.ttl_seconds",
                 format!("must be at most {TTL_SECONDS_MAX}"),
+            ));
+        }
+        // Each batch in flight may hold a connection of the pool.
+        const IN_FLIGHT_MAX: usize = 16;
+        if self.worker.batches_in_flight > IN_FLIGHT_MAX {
+            return Err(SettingsError::invalid(
+                "worker.batches_in_flight",
+                format!("must be at most {IN_FLIGHT_MAX}"),
             ));
         }
         // A longer wait would hold every delivery of a quiet shard
@@ -917,6 +934,14 @@ mod tests {
         assert!(text.contains("at most 1000"), "{text}");
         let settings = load_with(&[("STREAM_CREDITS__WORKER__BATCH_LINGER_MS", "1000")]).unwrap();
         assert_eq!(settings.worker.batch_linger_ms, 1000);
+    }
+
+    #[test]
+    fn batches_in_flight_out_of_range_names_the_key() {
+        for value in ["0", "17"] {
+            let text = error_text(&[("STREAM_CREDITS__WORKER__BATCHES_IN_FLIGHT", value)]);
+            assert!(text.contains("worker.batches_in_flight"), "{value}: {text}");
+        }
     }
 
     #[test]

@@ -9,12 +9,17 @@
 //! database is unreachable a shard stops taking messages and retries the
 //! same batch with backoff, so an outage dead-letters nothing.
 
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
+use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
+use lapin::Acker;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -313,6 +318,52 @@ struct Shard {
     subscribe_after: Duration,
 }
 
+/// A batch being applied, as a future that returns the batch's acker when done.
+type Applying<'a> = Pin<Box<dyn Future<Output = Result<Option<Acker>, SessionError>> + Send + 'a>>;
+
+/// The batches of one shard that are being applied, oldest first, with
+/// the users each one has messages of.
+struct InFlight<'a> {
+    batches: FuturesOrdered<Applying<'a>>,
+    users: VecDeque<HashSet<String>>,
+    /// `worker.batches_in_flight`.
+    max: usize,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(max: usize) -> Self {
+        Self {
+            batches: FuturesOrdered::new(),
+            users: VecDeque::new(),
+            max,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    /// Returns whether a new batch of `users` must wait for the oldest
+    /// batch, because it shares a user with a batch in flight or because
+    /// no more batches may run.
+    fn must_wait_for(&self, users: &HashSet<String>) -> bool {
+        self.batches.len() >= self.max
+            || self.users.iter().any(|earlier| !earlier.is_disjoint(users))
+    }
+
+    fn push(&mut self, users: HashSet<String>, batch: Applying<'a>) {
+        self.users.push_back(users);
+        self.batches.push_back(batch);
+    }
+
+    /// Waits for the oldest batch, or returns `None` when none is in flight.
+    async fn next(&mut self) -> Option<Result<Option<Acker>, SessionError>> {
+        let done = self.batches.next().await?;
+        self.users.pop_front();
+        Some(done)
+    }
+}
+
 /// The fate of one delivery once its batch is done.
 #[derive(Debug)]
 enum Disposition {
@@ -352,11 +403,19 @@ impl Shard {
 
         let batch_max = self.worker.settings.worker.batch_messages_max;
         let linger = Duration::from_millis(self.worker.settings.worker.batch_linger_ms);
+        let mut in_flight = InFlight::new(self.worker.settings.worker.batches_in_flight);
         let mut database_down = false;
-        loop {
+        'batches: loop {
             let first = tokio::select! {
                 biased;
                 () = self.stop.cancelled() => break,
+                Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                    if !self.acknowledge(done?).await? {
+                        database_down = true;
+                        break;
+                    }
+                    continue;
+                }
                 next = consumer.next() => next,
             };
             let Some(first) = first else {
@@ -373,14 +432,53 @@ impl Shard {
                     _ => break,
                 }
             }
-            self.linger(&mut consumer, &mut deliveries, received + linger, batch_max)
-                .await?;
-            if !self.process(deliveries, received).await? {
-                database_down = true;
-                break;
+            // A user's messages are applied in order, so a batch waits for
+            // every earlier batch that has one of its users and takes more
+            // deliveries while it waits. Then, once, it waits for more
+            // until the linger ends, unless one of them requests a reply.
+            let users_of = |deliveries: &[Delivery]| -> HashSet<String> {
+                deliveries.iter().map(|delivery| delivery.routing_key.to_string()).collect()
+            };
+            let mut users = users_of(&deliveries);
+            let mut lingered = false;
+            loop {
+                if in_flight.must_wait_for(&users) {
+                    tokio::select! {
+                        biased;
+                        Some(done) = in_flight.next() => {
+                            if !self.acknowledge(done?).await? {
+                                database_down = true;
+                                break 'batches;
+                            }
+                        }
+                        Some(next) = consumer.next(), if deliveries.len() < batch_max => {
+                            let delivery = next?;
+                            users.insert(delivery.routing_key.to_string());
+                            deliveries.push(delivery);
+                        }
+                    }
+                    continue;
+                }
+                if lingered {
+                    break;
+                }
+                lingered = true;
+                self.linger(&mut consumer, &mut deliveries, received + linger, batch_max)
+                    .await?;
+                users = users_of(&deliveries);
             }
+            in_flight.push(users, Box::pin(self.apply(deliveries, received)));
         }
 
+        // Batches still in flight finish their work. After a batch that was
+        // not applied, none is acknowledged, because a `multiple` ack would
+        // cover that batch's deliveries too.
+        while let Some(done) = in_flight.next().await {
+            let acker = done?;
+            if !database_down && !self.acknowledge(acker).await? {
+                database_down = true;
+            }
+        }
         let _ = self
             .channel
             .basic_cancel(consumer.tag(), BasicCancelOptions::default())
@@ -389,6 +487,16 @@ impl Shard {
             self.drain(&mut consumer, batch_max).await?;
         }
         Ok(())
+    }
+
+    /// Acknowledges an applied batch, or returns false for a batch that
+    /// was not applied.
+    async fn acknowledge(&self, applied: Option<Acker>) -> Result<bool, SessionError> {
+        let Some(acker) = applied else {
+            return Ok(false);
+        };
+        acker.ack(BasicAckOptions { multiple: true }).await?;
+        Ok(true)
     }
 
     /// Adds deliveries to a batch until `until`, until it is full, or until
@@ -444,22 +552,25 @@ impl Shard {
             }
             deliveries.push(delivery?);
             if deliveries.len() == batch_max {
-                if !self.process(std::mem::take(&mut deliveries), received).await? {
+                let applied = self.apply(std::mem::take(&mut deliveries), received).await?;
+                if !self.acknowledge(applied).await? {
                     return Ok(());
                 }
             }
         }
         if !deliveries.is_empty() {
-            self.process(deliveries, received).await?;
+            let applied = self.apply(deliveries, received).await?;
+            self.acknowledge(applied).await?;
         }
         Ok(())
     }
 
-    /// Applies one batch and settles its deliveries with the broker.
-    /// `received` is when the batch's first delivery arrived. Returns false
-    /// when shutdown interrupted a database retry, in which case nothing
-    /// was acknowledged and the broker will redeliver.
-    async fn process(&self, deliveries: Vec<Delivery>, received: Instant) -> Result<bool, SessionError> {
+    /// Applies one batch, dead-letters what it rejects and publishes its
+    /// replies and events. `received` is when the batch's first delivery
+    /// arrived. Returns the acker of the batch's last delivery, for one
+    /// `multiple` ack, or `None` when shutdown interrupted a database
+    /// retry, in which case the broker will redeliver the batch.
+    async fn apply(&self, deliveries: Vec<Delivery>, received: Instant) -> Result<Option<Acker>, SessionError> {
         let limits = &self.worker.settings.limits;
         let limit_attempts = self.worker.settings.topology.delivery_limit;
         let items: Vec<Item> = deliveries
@@ -473,7 +584,7 @@ impl Shard {
             .collect();
 
         let Some(results) = self.apply_with_retry(&items).await else {
-            return Ok(false);
+            return Ok(None);
         };
 
         let mut outgoing: Vec<Outgoing> = Vec::new();
@@ -526,8 +637,8 @@ impl Shard {
                 mark_published(&self.worker.pool, &ids).await;
             }
         }
-        self.settle_deliveries(&items).await?;
-        Ok(true)
+        let last = items.into_iter().last().expect("a batch is never empty");
+        Ok(Some(last.delivery.acker))
     }
 
     /// Applies every valid message of the batch in one transaction,
@@ -704,13 +815,6 @@ impl Shard {
         Ok(())
     }
 
-    /// Acknowledges the whole batch with one `multiple` ack, after every
-    /// dead letter of it was confirmed. Each delivery is acknowledged once.
-    async fn settle_deliveries(&self, items: &[Item]) -> Result<(), SessionError> {
-        let last = &items.last().expect("a batch is never empty").delivery;
-        last.acker.ack(BasicAckOptions { multiple: true }).await?;
-        Ok(())
-    }
 }
 
 /// The dead-letter reason of a message that failed on every attempt. The
