@@ -416,7 +416,7 @@ impl Default for Settings {
             worker: WorkerSettings {
                 batch_messages_max: 256,
                 batch_linger_ms: 20,
-                batches_in_flight: 2,
+                batches_in_flight: 1,
                 shutdown_timeout_seconds: 30,
                 home_shards: Vec::new(),
                 standby_delay_seconds: 15,
