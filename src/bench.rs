@@ -138,7 +138,7 @@ pub async fn run(settings: Arc<Settings>, args: BenchArgs) -> Result<(), Failure
     topology::declare(&channel, &worker_settings.topology)
         .await
         .map_err(Failure::from)?;
-    let worker = ChildWorker::start(&worker_settings).await?;
+    let mut worker = ChildWorker::start(&worker_settings).await?;
     worker.wait_until_consuming(&connection, &names, worker_settings.topology.shards).await?;
     fund(&channel, &names, &run_id, args.users).await?;
     let chunks = mix.iter().filter(|message| message.body.starts_with(b"{\"type\":\"chunk")).count();
@@ -718,31 +718,50 @@ async fn memory_per_open_stream(
 /// not share its runtime or show in its memory.
 struct ChildWorker {
     child: tokio::process::Child,
-    /// The settings file written for the child. It contains the database
-    /// password, so only its owner can read it, and it is removed when the
-    /// worker is dropped, on any exit of the benchmark.
-    config: PathBuf,
+    /// The settings the child reads at start, removed once it consumes.
+    settings_file: Option<SettingsFile>,
+}
+
+/// A settings file that contains the database password: a new file with
+/// a random name that only its owner can read, removed when dropped.
+struct SettingsFile {
+    path: PathBuf,
+}
+
+impl SettingsFile {
+    fn write(settings: &Settings) -> Result<Self, Failure> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+
+        let path = std::env::temp_dir().join(format!("stream-credits-bench-{}.toml", Uuid::new_v4().simple()));
+        let text = toml::to_string(settings).context("cannot write the worker's settings")?;
+        // `create_new` fails rather than follow a link or reuse a file
+        // that someone else made, whose permissions would stay.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        let settings_file = Self { path };
+        file.write_all(text.as_bytes())
+            .with_context(|| format!("cannot write {}", settings_file.path.display()))?;
+        Ok(settings_file)
+    }
+}
+
+impl Drop for SettingsFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 impl ChildWorker {
     async fn start(settings: &Settings) -> Result<Self, Failure> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-
-        let config = std::env::temp_dir().join(format!("stream-credits-bench-{}.toml", std::process::id()));
-        let text = toml::to_string(settings).context("cannot write the worker's settings")?;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&config)
-            .and_then(|mut file| file.write_all(text.as_bytes()))
-            .with_context(|| format!("cannot write {}", config.display()))?;
-
+        let settings_file = SettingsFile::write(settings)?;
         let program = std::env::current_exe().context("cannot find this program to start the worker")?;
         let mut command = tokio::process::Command::new(program);
-        command.arg("--config").arg(&config).arg("run");
+        command.arg("--config").arg(&settings_file.path).arg("run");
         // The file contains every setting, and a variable of the
         // benchmark's environment would point the worker elsewhere.
         for (key, _) in std::env::vars_os() {
@@ -755,16 +774,22 @@ impl ChildWorker {
         }
         command.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).kill_on_drop(true);
         let child = command.spawn().context("cannot start the worker process")?;
-        Ok(Self { child, config })
+        Ok(Self { child, settings_file: Some(settings_file) })
     }
 
     /// Waits until every shard queue has a consumer, which the worker
     /// starts only after it reached the database and declared the
-    /// topology.
-    async fn wait_until_consuming(&self, connection: &Connection, names: &Names, shards: u16) -> Result<(), Failure> {
+    /// topology, and then removes the settings file it has read.
+    async fn wait_until_consuming(&mut self, connection: &Connection, names: &Names, shards: u16) -> Result<(), Failure> {
         let deadline = Instant::now() + Duration::from_secs(60);
         let passive = QueueDeclareOptions { passive: true, ..Default::default() };
         loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Err(anyhow::anyhow!(
+                    "the worker process exited with {status} before it consumed; its error is printed above"
+                )
+                .into());
+            }
             let channel = connection.create_channel().await?;
             let mut consumed = 0;
             for index in 0..shards {
@@ -773,6 +798,7 @@ impl ChildWorker {
             }
             let _ = channel.close(200, "checked consumers".into()).await;
             if consumed == usize::from(shards) {
+                self.settings_file = None;
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -801,11 +827,6 @@ impl ChildWorker {
     }
 }
 
-impl Drop for ChildWorker {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.config);
-    }
-}
 
 fn draw_plot(path: &std::path::Path, curve: &[(usize, f64)]) -> anyhow::Result<()> {
     use plotters::prelude::*;

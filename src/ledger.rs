@@ -522,7 +522,8 @@ impl Ledger {
         };
         let mut body = serde_json::to_value(&grant).expect("events serialize");
         let outbox = OutboxRows::new("reservation.granted", reply_to);
-        // $1 to $7 are the outbox's, $7 the grant without available_after.
+        // $1 to $7 are the outbox's, $7 the grant with a placeholder 0 as
+        // available_after, which the statement replaces.
         let query = concat!(
             "WITH debit AS (UPDATE accounts \
                  SET reserved = reserved + $15, holds_open = holds_open + 1, updated_at = now() \

@@ -463,8 +463,14 @@ impl Shard {
                     break;
                 }
                 lingered = true;
-                self.linger(&mut consumer, &mut deliveries, received + linger, batch_max)
-                    .await?;
+                let until = received + linger;
+                if !self
+                    .linger(&mut consumer, &mut deliveries, until, batch_max, &mut in_flight)
+                    .await?
+                {
+                    database_down = true;
+                    break 'batches;
+                }
                 users = users_of(&deliveries);
             }
             in_flight.push(users, Box::pin(self.apply(deliveries, received)));
@@ -503,15 +509,18 @@ impl Shard {
     /// one of them requests a reply. A busy shard then applies more
     /// messages per transaction, and a start's reply is sent without
     /// delay. Shutdown ends the wait, and the batch is applied as it is.
-    async fn linger(
-        &self,
+    /// The batches in flight keep running and are acknowledged as they
+    /// finish. Returns false when one of them was not applied.
+    async fn linger<'a>(
+        &'a self,
         consumer: &mut lapin::Consumer,
         deliveries: &mut Vec<Delivery>,
         until: Instant,
         batch_max: usize,
-    ) -> Result<(), SessionError> {
+        in_flight: &mut InFlight<'a>,
+    ) -> Result<bool, SessionError> {
         if deliveries.iter().any(awaits_reply) {
-            return Ok(());
+            return Ok(true);
         }
         let until = tokio::time::Instant::from_std(until);
         while deliveries.len() < batch_max {
@@ -519,6 +528,12 @@ impl Shard {
                 biased;
                 () = self.stop.cancelled() => break,
                 () = tokio::time::sleep_until(until) => break,
+                Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                    if !self.acknowledge(done?).await? {
+                        return Ok(false);
+                    }
+                    continue;
+                }
                 next = consumer.next() => next,
             };
             // A consumer that ended is reported by the next read.
@@ -530,7 +545,7 @@ impl Shard {
                 break;
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Applies the deliveries already received after the subscription was
