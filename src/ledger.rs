@@ -226,7 +226,6 @@ struct Hold {
 }
 
 const HOLD_COLUMNS: &str = concat!(hold_columns_no_grant!(), ", grant_reply");
-const HOLD_COLUMNS_NO_GRANT: &str = hold_columns_no_grant!();
 
 impl Hold {
     fn from_row(row: &sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
@@ -1014,19 +1013,23 @@ impl BatchState {
         if streams.is_empty() {
             return Ok(());
         }
+
+        // Rows are locked in the order of the sorted keys. Counting never
+        // reads the stored grant, so it is not sent.
         let (users, stream_ids): (Vec<&str>, Vec<&str>) = streams.into_iter().unzip();
-        // Rows are locked in the order of the sorted keys.
-        // Counting never reads the stored grant, so it is not sent.
-        let query = format!(
+        let query = concat!(
             "SELECT h.* FROM unnest($1::text[], $2::text[]) AS k(user_id, stream_id) \
-             CROSS JOIN LATERAL (SELECT {HOLD_COLUMNS_NO_GRANT}, 'null'::jsonb AS grant_reply FROM holds \
+             CROSS JOIN LATERAL (SELECT ",
+            hold_columns_no_grant!(),
+            ", 'null'::jsonb AS grant_reply FROM holds \
                  WHERE user_id = k.user_id AND stream_id = k.stream_id LIMIT 1 FOR UPDATE) AS h"
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(query))
+        let rows = sqlx::query(query)
             .bind(&users)
             .bind(&stream_ids)
             .fetch_all(&mut *conn)
             .await?;
+
         for row in &rows {
             let hold = Hold::from_row(row)?;
             let key = (hold.user_id.clone(), hold.stream_id.clone());
