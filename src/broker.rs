@@ -7,7 +7,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm,
     DefaultConnectionBuilder,
 };
 use rustls::pki_types::CertificateDer;
@@ -191,7 +191,17 @@ pub async fn publish_outgoing(
     names: &Names,
     outgoing: &[Outgoing],
 ) -> Result<(), BrokerError> {
-    let mut confirms = Vec::with_capacity(outgoing.len());
+    publish_unconfirmed(channel, names, outgoing).await?.wait().await
+}
+
+/// Sends replies and events and returns their confirms without waiting
+/// for them.
+pub async fn publish_unconfirmed(
+    channel: &Channel,
+    names: &Names,
+    outgoing: &[Outgoing],
+) -> Result<Confirms, BrokerError> {
+    let mut confirms = Confirms::default();
     for message in outgoing {
         let body = serde_json::to_vec(&message.body).expect("JSON values serialize");
         let event_id = message
@@ -224,16 +234,31 @@ pub async fn publish_outgoing(
                 properties,
             )
             .await?;
-        confirms.push((confirm, exchange));
+        confirms.pending.push((confirm, message.destination));
     }
-    for (confirm, exchange) in confirms {
-        if let Confirmation::Nack(_) = confirm.await? {
-            return Err(BrokerError::NotConfirmed {
-                target: format!("exchange `{exchange}`"),
-            });
+    Ok(confirms)
+}
+
+/// The broker's confirms of messages sent by [`publish_unconfirmed`].
+#[derive(Default)]
+pub struct Confirms {
+    pending: Vec<(PublisherConfirm, Destination)>,
+}
+
+impl Confirms {
+    /// Waits for every confirm; fails on the first negative one.
+    pub async fn wait(self) -> Result<(), BrokerError> {
+        for (confirm, destination) in self.pending {
+            if let Confirmation::Nack(_) = confirm.await? {
+                let target = match destination {
+                    Destination::Reply => "the default exchange (a reply)",
+                    Destination::Event => "the results exchange",
+                };
+                return Err(BrokerError::NotConfirmed { target: target.to_owned() });
+            }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// A message to dead-letter: the original body, properties and routing

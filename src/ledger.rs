@@ -192,6 +192,23 @@ macro_rules! outbox_insert {
     };
 }
 
+/// Adds each hold's counts from the arrays $1 (reservation ids), $2
+/// (tokens counted), $3 (chunks) and $4 (whether usage outgrew the hold).
+/// Each row is found by its key and updated by its row address, so the
+/// update never scans the table (see `processed_replies`). The rows are
+/// locked by the batch's transaction, so their addresses cannot change.
+macro_rules! counts_update {
+    () => {
+        "UPDATE holds h SET counted_completion_tokens = v.counted, chunks = h.chunks + v.chunks, \
+         over_signalled = h.over_signalled OR v.signalled, last_event_at = now() \
+         FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bool[]) \
+         AS v(reservation_id, counted, chunks, signalled) \
+         CROSS JOIN LATERAL (SELECT ctid AS address FROM holds \
+             WHERE reservation_id = v.reservation_id LIMIT 1) AS found \
+         WHERE h.ctid = found.address"
+    };
+}
+
 /// The columns of a hold row but its stored grant reply.
 macro_rules! hold_columns_no_grant {
     () => {
@@ -317,8 +334,10 @@ impl Ledger {
         conn: &mut PgConnection,
         messages: &[(&Inbound, &ReplyTo)],
     ) -> Result<Vec<Applied>, LedgerError> {
+        let (now, known) = processed_replies(conn, messages).await?;
         let mut batch = BatchState {
-            known: processed_replies(conn, messages).await?,
+            known,
+            now,
             ..BatchState::default()
         };
         batch.lock_streams(conn, messages).await?;
@@ -469,7 +488,7 @@ impl Ledger {
             unreachable!("a hold within limits.tokens_max fits in 64 bits");
         };
 
-        let now = batch.now(conn).await?;
+        let now = batch.now;
         let allowance = Allowance {
             prompt_tokens,
             max_output_tokens,
@@ -975,21 +994,12 @@ struct BatchState {
     without_hold: HashSet<(String, String)>,
     /// Processed-message rows to insert: user, message id, type, reply.
     processed: Vec<(String, String, &'static str, Option<serde_json::Value>)>,
-    /// The transaction's `now()`, read once.
-    now: Option<DateTime<Utc>>,
+    /// The transaction's start time on the database clock, which
+    /// PostgreSQL keeps the same for the whole transaction.
+    now: DateTime<Utc>,
 }
 
 impl BatchState {
-    /// Returns the transaction's start time on the database clock, which
-    /// PostgreSQL keeps the same for the whole transaction.
-    async fn now(&mut self, conn: &mut PgConnection) -> Result<DateTime<Utc>, LedgerError> {
-        if let Some(now) = self.now {
-            return Ok(now);
-        }
-        let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&mut *conn).await?;
-        self.now = Some(now);
-        Ok(now)
-    }
 
     /// Locks, in one statement, the holds of every stream the batch has
     /// chunks or starts for, so that neither costs a statement per stream
@@ -1064,11 +1074,11 @@ impl BatchState {
         Ok(())
     }
 
-    /// Writes every pending count and processed id.
+    /// Writes every pending count and processed id, in one statement.
     async fn flush(mut self, conn: &mut PgConnection) -> Result<(), LedgerError> {
         let pending: Vec<PendingCounts> = self.pending.drain().map(|(_, counts)| counts).collect();
-        write_counts(conn, &pending).await?;
-        if self.processed.is_empty() {
+        let counts = CountColumns::new(&pending);
+        if counts.ids.is_empty() && self.processed.is_empty() {
             return Ok(());
         }
         let mut users = Vec::with_capacity(self.processed.len());
@@ -1081,16 +1091,22 @@ impl BatchState {
             kinds.push(kind);
             replies.push(reply);
         }
-        sqlx::query(
-            "INSERT INTO processed_messages (user_id, message_id, kind, reply) \
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])",
-        )
-        .bind(users)
-        .bind(ids)
-        .bind(kinds)
-        .bind(replies)
-        .execute(&mut *conn)
-        .await?;
+        // A data-modifying WITH runs to the end whether or not the rest of
+        // the statement reads it.
+        let query = concat!(
+            "WITH counted AS (",
+            counts_update!(),
+            ") INSERT INTO processed_messages (user_id, message_id, kind, reply) \
+             SELECT * FROM unnest($5::text[], $6::text[], $7::text[], $8::jsonb[])"
+        );
+        counts
+            .bind(sqlx::query(query))
+            .bind(users)
+            .bind(ids)
+            .bind(kinds)
+            .bind(replies)
+            .execute(&mut *conn)
+            .await?;
         Ok(())
     }
 }
@@ -1199,33 +1215,40 @@ async fn reserve_more(
 
 /// Writes the new counts of several streams in one statement.
 async fn write_counts(conn: &mut PgConnection, pending: &[PendingCounts]) -> Result<(), LedgerError> {
-    let written: Vec<&PendingCounts> = pending.iter().filter(|counts| counts.chunks > 0).collect();
-    if written.is_empty() {
+    let counts = CountColumns::new(pending);
+    if counts.ids.is_empty() {
         return Ok(());
     }
-    let ids: Vec<Uuid> = written.iter().map(|counts| counts.hold.reservation_id).collect();
-    let counted: Vec<i64> = written.iter().map(|counts| to_i64(counts.counted_completion_tokens)).collect();
-    let chunks: Vec<i64> = written.iter().map(|counts| to_i64(counts.chunks)).collect();
-    let signalled: Vec<bool> = written.iter().map(|counts| counts.signalled).collect();
-    // Each row is found by its key and updated by its row address, so the
-    // update never scans the table (see `processed_replies`). The rows are
-    // locked by this transaction, so their addresses cannot change.
-    sqlx::query(
-        "UPDATE holds h SET counted_completion_tokens = v.counted, chunks = h.chunks + v.chunks, \
-         over_signalled = h.over_signalled OR v.signalled, last_event_at = now() \
-         FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bool[]) \
-         AS v(reservation_id, counted, chunks, signalled) \
-         CROSS JOIN LATERAL (SELECT ctid AS address FROM holds \
-             WHERE reservation_id = v.reservation_id LIMIT 1) AS found \
-         WHERE h.ctid = found.address",
-    )
-    .bind(ids)
-    .bind(counted)
-    .bind(chunks)
-    .bind(signalled)
-    .execute(&mut *conn)
-    .await?;
+    counts.bind(sqlx::query(counts_update!())).execute(&mut *conn).await?;
     Ok(())
+}
+
+/// Counts of the holds that counted chunks, as the array parameters $1
+/// to $4 of `counts_update!`.
+struct CountColumns {
+    ids: Vec<Uuid>,
+    counted: Vec<i64>,
+    chunks: Vec<i64>,
+    signalled: Vec<bool>,
+}
+
+impl CountColumns {
+    fn new(pending: &[PendingCounts]) -> Self {
+        let written: Vec<&PendingCounts> = pending.iter().filter(|counts| counts.chunks > 0).collect();
+        Self {
+            ids: written.iter().map(|counts| counts.hold.reservation_id).collect(),
+            counted: written.iter().map(|counts| to_i64(counts.counted_completion_tokens)).collect(),
+            chunks: written.iter().map(|counts| to_i64(counts.chunks)).collect(),
+            signalled: written.iter().map(|counts| counts.signalled).collect(),
+        }
+    }
+
+    fn bind<'q>(
+        self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query.bind(self.ids).bind(self.counted).bind(self.chunks).bind(self.signalled)
+    }
 }
 
 /// Looks up which messages were processed before, with a start's reply.
@@ -1237,23 +1260,31 @@ async fn write_counts(conn: &mut PgConnection, pending: &[PendingCounts]) -> Res
 async fn processed_replies(
     conn: &mut PgConnection,
     messages: &[(&Inbound, &ReplyTo)],
-) -> Result<HashMap<(String, String), Option<serde_json::Value>>, LedgerError> {
+) -> Result<(DateTime<Utc>, HashMap<(String, String), Option<serde_json::Value>>), LedgerError> {
     let users: Vec<&str> = messages.iter().map(|(message, _)| message.user_id()).collect();
     let ids: Vec<&str> = messages.iter().map(|(message, _)| message.message_id()).collect();
-    let rows: Vec<(String, String, Option<serde_json::Value>)> = sqlx::query_as(
-        "SELECT p.user_id, p.message_id, p.reply \
-         FROM unnest($1::text[], $2::text[]) AS k(user_id, message_id) \
-         CROSS JOIN LATERAL (SELECT * FROM processed_messages \
-             WHERE user_id = k.user_id AND message_id = k.message_id LIMIT 1) AS p",
+    // The lookup also reads the transaction's clock, on a row of its own
+    // when no message was processed before, to save a round trip.
+    type Row = (DateTime<Utc>, Option<String>, Option<String>, Option<serde_json::Value>);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT now(), p.user_id, p.message_id, p.reply \
+         FROM (VALUES (1)) AS one(row) LEFT JOIN ( \
+             SELECT found.user_id, found.message_id, found.reply \
+             FROM unnest($1::text[], $2::text[]) AS k(user_id, message_id) \
+             CROSS JOIN LATERAL (SELECT * FROM processed_messages \
+                 WHERE user_id = k.user_id AND message_id = k.message_id LIMIT 1) AS found \
+         ) AS p ON true",
     )
     .bind(users)
     .bind(ids)
     .fetch_all(&mut *conn)
     .await?;
-    Ok(rows
+    let now = rows.first().map(|row| row.0).expect("the lookup returns at least one row");
+    let known = rows
         .into_iter()
-        .map(|(user_id, message_id, reply)| ((user_id, message_id), reply))
-        .collect())
+        .filter_map(|(_, user_id, message_id, reply)| Some(((user_id?, message_id?), reply)))
+        .collect();
+    Ok((now, known))
 }
 
 fn count_prompt(price: &ModelPrice, start: &StreamStarted) -> u64 {

@@ -25,7 +25,7 @@ use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, B
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use sqlx::PgPool;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, error, info, info_span, warn};
@@ -61,12 +61,17 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// transaction.
 const SWEEP_BATCH_MAX: i64 = 200;
 
-/// Batches of published outbox ids waiting to be marked. When the queue
-/// is full, a shard marks its own rows before taking more messages.
+/// Batches of sent outbox rows waiting to be marked. When the queue is
+/// full, a shard waits for its own confirms and marks its own rows before
+/// taking more messages.
 const MARK_QUEUE_MAX: usize = 1_024;
 
 /// Maximum outbox ids marked in one statement.
 const MARK_ROWS_MAX: usize = 4_096;
+
+/// Maximum wait for the broker to confirm a batch's messages before their
+/// rows are left to the relay.
+const CONFIRM_WAIT: Duration = Duration::from_secs(30);
 
 /// A failure that ends the worker.
 #[derive(Debug, thiserror::Error)]
@@ -187,8 +192,8 @@ struct Worker {
     pool: PgPool,
     shutdown: CancellationToken,
     broker_connected: Arc<AtomicBool>,
-    /// Outbox ids published by the shards, for the background marker.
-    marks: mpsc::Sender<Vec<i64>>,
+    /// Outbox rows sent by the shards, for the background marker.
+    marks: mpsc::Sender<ToMark>,
 }
 
 impl Worker {
@@ -267,6 +272,12 @@ impl Worker {
         {
             warn!(?drain, "in-flight work did not finish in time; unacknowledged messages will be redelivered");
             tasks.abort_all();
+        }
+        // Rows whose confirms are still coming are marked before the
+        // connection closes, so that the relay does not send them again.
+        let (answer, flushed) = oneshot::channel();
+        if self.marks.send(ToMark::Flush(answer)).await.is_ok() {
+            let _ = tokio::time::timeout(CLOSE_WAIT, flushed).await;
         }
         // lapin's close can wait forever once its I/O loop has stopped, so
         // it is bounded; the broker drops the socket's channels either way.
@@ -638,17 +649,25 @@ impl Shard {
         }
 
         self.dead_letter_all(&items, &dispositions).await?;
-        broker::publish_outgoing(&self.channel, &self.names, &outgoing).await?;
+        let mut confirms = broker::publish_unconfirmed(&self.channel, &self.names, &outgoing).await?;
         let latency = received.elapsed().as_secs_f64();
         for name in timed {
             metrics::histogram!(name).record(latency);
         }
-        // Marking rows published is left to a background task, because
-        // the next batch need not wait on it: an unmarked row is only sent
-        // again by the relay, with the same event id.
+        // A message with an outbox row is sent again by the relay until
+        // its row is marked, so the batch is acknowledged without waiting
+        // for its confirm, and a background task marks the row once the
+        // confirm comes. Any other message, such as a denial of an invalid
+        // start, is confirmed before the batch is acknowledged.
+        if outgoing.iter().any(|message| message.outbox_id.is_none()) {
+            std::mem::take(&mut confirms).wait().await?;
+        }
         let ids = outbox_ids(&outgoing);
         if !ids.is_empty() {
-            if let Err(mpsc::error::TrySendError::Full(ids)) = self.worker.marks.try_send(ids) {
+            let published = ToMark::Published { confirms, ids };
+            if let Err(mpsc::error::TrySendError::Full(published)) = self.worker.marks.try_send(published) {
+                let mut ids = Vec::new();
+                published.confirmed_ids(&mut ids).await;
                 mark_published(&self.worker.pool, &ids).await;
             }
         }
@@ -994,25 +1013,60 @@ fn outbox_ids(outgoing: &[Outgoing]) -> Vec<i64> {
     outgoing.iter().filter_map(|message| message.outbox_id).collect()
 }
 
-/// Marks the ids that shards send, joining whatever batches are waiting
-/// into one statement. After `stop`, marks what is left and returns.
-async fn mark_in_background(pool: PgPool, mut unmarked: mpsc::Receiver<Vec<i64>>, stop: CancellationToken) {
+/// An entry the shards send to the background marker.
+enum ToMark {
+    /// Outbox rows sent by one batch, marked once the broker confirms
+    /// every message of the batch.
+    Published { confirms: broker::Confirms, ids: Vec<i64> },
+    /// A request, replied to once every row sent before it is marked or
+    /// left to the relay.
+    Flush(oneshot::Sender<()>),
+}
+
+impl ToMark {
+    /// Adds the ids of confirmed rows to `ids`. Rows the broker did not
+    /// confirm are left to the relay.
+    async fn confirmed_ids(self, ids: &mut Vec<i64>) {
+        let Self::Published { confirms, ids: sent } = self else {
+            return;
+        };
+        match tokio::time::timeout(CONFIRM_WAIT, confirms.wait()).await {
+            Ok(Ok(())) => ids.extend(sent),
+            Ok(Err(error)) => warn!(%error, rows = sent.len(), "messages not confirmed by the broker; the relay will send them again"),
+            Err(_) => warn!(?CONFIRM_WAIT, rows = sent.len(), "broker confirm timed out; the relay will send the messages again"),
+        }
+    }
+}
+
+/// Marks the rows that shards send once the broker has confirmed them,
+/// joining whatever batches are waiting into one statement. After
+/// `stop`, marks what is left and returns.
+async fn mark_in_background(pool: PgPool, mut unmarked: mpsc::Receiver<ToMark>, stop: CancellationToken) {
     loop {
-        let mut ids = tokio::select! {
+        let first = tokio::select! {
             biased;
             next = unmarked.recv() => match next {
-                Some(ids) => ids,
+                Some(first) => Some(first),
                 None => return,
             },
-            () = stop.cancelled() => Vec::new(),
+            () = stop.cancelled() => None,
         };
-        while ids.len() < MARK_ROWS_MAX {
-            match unmarked.try_recv() {
-                Ok(more) => ids.extend(more),
-                Err(_) => break,
+        let mut ids = Vec::new();
+        let mut flushes = Vec::new();
+        let mut next = first.or_else(|| unmarked.try_recv().ok());
+        while let Some(entry) = next.take() {
+            match entry {
+                ToMark::Flush(answer) => flushes.push(answer),
+                published => published.confirmed_ids(&mut ids).await,
+            }
+            if ids.len() < MARK_ROWS_MAX {
+                next = unmarked.try_recv().ok();
             }
         }
         mark_published(&pool, &ids).await;
+        for answer in flushes {
+            let _ = answer.send(());
+        }
         if stop.is_cancelled() && unmarked.is_empty() {
             return;
         }
