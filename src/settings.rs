@@ -594,6 +594,23 @@ impl Settings {
                 format!("must be at most {IN_FLIGHT_MAX}"),
             ));
         }
+        // A batch in flight holds a connection while it applies, and the
+        // outbox marker and the expiry sweep take one each. More batches
+        // than connections would only wait for the pool. One batch per
+        // shard is allowed on any pool, as before this setting existed.
+        let in_flight = self.worker.batches_in_flight as u64;
+        let connections_needed = u64::from(self.topology.shards) * in_flight + 2;
+        if in_flight > 1 && connections_needed > u64::from(self.database.max_connections) {
+            return Err(SettingsError::invalid(
+                "worker.batches_in_flight",
+                format!(
+                    "{in_flight} batches in flight on {} shards need {connections_needed} database \
+                     connections, more than database.max_connections ({}); raise \
+                     database.max_connections or lower worker.batches_in_flight",
+                    self.topology.shards, self.database.max_connections
+                ),
+            ));
+        }
         // A longer wait would hold every delivery of a quiet shard
         // unacknowledged for seconds and gain nothing more in batch size.
         const LINGER_MS_MAX: u64 = 1_000;
@@ -942,6 +959,29 @@ mod tests {
             let text = error_text(&[("STREAM_CREDITS__WORKER__BATCHES_IN_FLIGHT", value)]);
             assert!(text.contains("worker.batches_in_flight"), "{value}: {text}");
         }
+    }
+
+    #[test]
+    fn batches_in_flight_beyond_pool_names_both_keys() {
+        let text = error_text(&[("STREAM_CREDITS__WORKER__BATCHES_IN_FLIGHT", "2")]);
+        assert!(text.contains("worker.batches_in_flight"), "{text}");
+        assert!(text.contains("need 18 database connections"), "{text}");
+        assert!(text.contains("database.max_connections (10)"), "{text}");
+
+        let fitting = load_with(&[
+            ("STREAM_CREDITS__WORKER__BATCHES_IN_FLIGHT", "2"),
+            ("STREAM_CREDITS__DATABASE__MAX_CONNECTIONS", "18"),
+        ]);
+        assert_eq!(fitting.unwrap().worker.batches_in_flight, 2);
+    }
+
+    #[test]
+    fn one_batch_in_flight_fits_any_pool() {
+        let settings = load_with(&[
+            ("STREAM_CREDITS__TOPOLOGY__SHARDS", "16"),
+            ("STREAM_CREDITS__DATABASE__MAX_CONNECTIONS", "4"),
+        ]);
+        assert_eq!(settings.unwrap().topology.shards, 16);
     }
 
     #[test]
