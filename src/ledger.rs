@@ -195,7 +195,7 @@ macro_rules! outbox_insert {
 /// Adds each hold's counts from the arrays $1 (reservation ids), $2
 /// (tokens counted), $3 (chunks) and $4 (whether usage outgrew the hold).
 /// Each row is found by its key and updated by its row address, so the
-/// update never scans the table (see `processed_replies`). The rows are
+/// update never scans the table (see `BatchState::read`). The rows are
 /// locked by the batch's transaction, so their addresses cannot change.
 macro_rules! counts_update {
     () => {
@@ -334,13 +334,7 @@ impl Ledger {
         conn: &mut PgConnection,
         messages: &[(&Inbound, &ReplyTo)],
     ) -> Result<Vec<Applied>, LedgerError> {
-        let (now, known) = processed_replies(conn, messages).await?;
-        let mut batch = BatchState {
-            known,
-            now,
-            ..BatchState::default()
-        };
-        batch.lock_streams(conn, messages).await?;
+        let mut batch = BatchState::read(conn, messages).await?;
         let mut results = Vec::with_capacity(messages.len());
         for (message, reply_to) in messages {
             let key = (message.user_id().to_owned(), message.message_id().to_owned());
@@ -1001,15 +995,19 @@ struct BatchState {
 
 impl BatchState {
 
-    /// Locks, in one statement, the holds of every stream the batch has
-    /// chunks or starts for, so that neither costs a statement per stream
-    /// to find its hold. A chunk whose hold does not exist yet, because
+    /// Reads, in one statement, the transaction's clock, which of the
+    /// batch's messages were processed before (with a start's stored
+    /// reply), and the holds of every stream the batch has chunks or
+    /// starts for, locked. A chunk whose hold does not exist yet, because
     /// its start is in this batch or has not arrived, looks it up again.
-    async fn lock_streams(
-        &mut self,
-        conn: &mut PgConnection,
-        messages: &[(&Inbound, &ReplyTo)],
-    ) -> Result<(), LedgerError> {
+    ///
+    /// Each array of keys is joined to its table through a `LATERAL …
+    /// LIMIT 1` subquery. A plain join lets PostgreSQL cache a plan made
+    /// while the table was small, which hashes the whole table, and keep
+    /// using it long after the table has grown.
+    async fn read(conn: &mut PgConnection, messages: &[(&Inbound, &ReplyTo)]) -> Result<Self, LedgerError> {
+        let users: Vec<&str> = messages.iter().map(|(message, _)| message.user_id()).collect();
+        let ids: Vec<&str> = messages.iter().map(|(message, _)| message.message_id()).collect();
         let mut streams: Vec<(&str, &str)> = messages
             .iter()
             .filter_map(|(message, _)| match message {
@@ -1020,38 +1018,62 @@ impl BatchState {
             .collect();
         streams.sort_unstable();
         streams.dedup();
-        if streams.is_empty() {
-            return Ok(());
-        }
+        let (stream_users, stream_ids): (Vec<&str>, Vec<&str>) = streams.into_iter().unzip();
 
-        // Rows are locked in the order of the sorted keys. Counting never
-        // reads the stored grant, so it is not sent.
-        let (users, stream_ids): (Vec<&str>, Vec<&str>) = streams.into_iter().unzip();
+        // Every row carries the clock and the processed ids; the holds
+        // come one to a row, locked in the order of the sorted keys, after
+        // a row without a hold when none is found. Counting never reads
+        // the stored grant, so it is not sent.
         let query = concat!(
-            "SELECT h.* FROM unnest($1::text[], $2::text[]) AS k(user_id, stream_id) \
-             CROSS JOIN LATERAL (SELECT ",
+            "SELECT now() AS batch_now, \
+                 (SELECT coalesce(jsonb_agg(jsonb_build_array(p.user_id, p.message_id, p.reply)), '[]') \
+                  FROM unnest($1::text[], $2::text[]) AS k(user_id, message_id) \
+                  CROSS JOIN LATERAL (SELECT user_id, message_id, reply FROM processed_messages \
+                      WHERE user_id = k.user_id AND message_id = k.message_id LIMIT 1) AS p) AS processed, \
+                 h.* \
+             FROM (VALUES (1)) AS one(row) LEFT JOIN LATERAL ( \
+                 SELECT locked.* FROM unnest($3::text[], $4::text[]) AS s(user_id, stream_id) \
+                 CROSS JOIN LATERAL (SELECT ",
             hold_columns_no_grant!(),
             ", 'null'::jsonb AS grant_reply FROM holds \
-                 WHERE user_id = k.user_id AND stream_id = k.stream_id LIMIT 1 FOR UPDATE) AS h"
+                     WHERE user_id = s.user_id AND stream_id = s.stream_id LIMIT 1 FOR UPDATE) AS locked \
+             ) AS h ON true"
         );
         let rows = sqlx::query(query)
             .bind(&users)
+            .bind(&ids)
+            .bind(&stream_users)
             .bind(&stream_ids)
             .fetch_all(&mut *conn)
             .await?;
-
+        let first = rows.first().expect("a select from one row returns a row");
+        // The processed ids come as `[user_id, message_id, reply]` arrays.
+        let processed: Vec<(String, String, Option<serde_json::Value>)> =
+            serde_json::from_value(first.try_get("processed")?)
+                .map_err(|error| sqlx::Error::Decode(Box::new(error)))?;
+        let mut batch = BatchState {
+            now: first.try_get("batch_now")?,
+            known: processed
+                .into_iter()
+                .map(|(user_id, message_id, reply)| ((user_id, message_id), reply))
+                .collect(),
+            ..BatchState::default()
+        };
         for row in &rows {
+            if row.try_get::<Option<Uuid>, _>("reservation_id")?.is_none() {
+                continue;
+            }
             let hold = Hold::from_row(row)?;
             let key = (hold.user_id.clone(), hold.stream_id.clone());
-            self.pending.insert(key, PendingCounts::new(hold));
+            batch.pending.insert(key, PendingCounts::new(hold));
         }
-        for (user_id, stream_id) in users.iter().zip(&stream_ids) {
+        for (user_id, stream_id) in stream_users.iter().zip(&stream_ids) {
             let key = ((*user_id).to_owned(), (*stream_id).to_owned());
-            if !self.pending.contains_key(&key) {
-                self.without_hold.insert(key);
+            if !batch.pending.contains_key(&key) {
+                batch.without_hold.insert(key);
             }
         }
-        Ok(())
+        Ok(batch)
     }
 
     fn record(&mut self, key: (String, String), kind: &'static str, reply: Option<serde_json::Value>) {
@@ -1251,41 +1273,6 @@ impl CountColumns {
     }
 }
 
-/// Looks up which messages were processed before, with a start's reply.
-///
-/// Statements that join an array of keys to a table look each key up in
-/// a `LATERAL … LIMIT 1` subquery. A plain join lets PostgreSQL cache a
-/// plan made while the table was small, which hashes the whole table, and
-/// keep using it long after the table has grown.
-async fn processed_replies(
-    conn: &mut PgConnection,
-    messages: &[(&Inbound, &ReplyTo)],
-) -> Result<(DateTime<Utc>, HashMap<(String, String), Option<serde_json::Value>>), LedgerError> {
-    let users: Vec<&str> = messages.iter().map(|(message, _)| message.user_id()).collect();
-    let ids: Vec<&str> = messages.iter().map(|(message, _)| message.message_id()).collect();
-    // The lookup also reads the transaction's clock, on a row of its own
-    // when no message was processed before, to save a round trip.
-    type Row = (DateTime<Utc>, Option<String>, Option<String>, Option<serde_json::Value>);
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT now(), p.user_id, p.message_id, p.reply \
-         FROM (VALUES (1)) AS one(row) LEFT JOIN ( \
-             SELECT found.user_id, found.message_id, found.reply \
-             FROM unnest($1::text[], $2::text[]) AS k(user_id, message_id) \
-             CROSS JOIN LATERAL (SELECT * FROM processed_messages \
-                 WHERE user_id = k.user_id AND message_id = k.message_id LIMIT 1) AS found \
-         ) AS p ON true",
-    )
-    .bind(users)
-    .bind(ids)
-    .fetch_all(&mut *conn)
-    .await?;
-    let now = rows.first().map(|row| row.0).expect("the lookup returns at least one row");
-    let known = rows
-        .into_iter()
-        .filter_map(|(_, user_id, message_id, reply)| Some(((user_id?, message_id?), reply)))
-        .collect();
-    Ok((now, known))
-}
 
 fn count_prompt(price: &ModelPrice, start: &StreamStarted) -> u64 {
     let bpe = tokens::encoder(&price.encoding).expect("model encodings are validated at start");

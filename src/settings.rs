@@ -595,9 +595,9 @@ impl Settings {
             ));
         }
         // A batch in flight holds a connection while it applies, and the
-        // outbox marker and the expiry sweep take one each. More batches
-        // than connections would only wait for the pool. One batch per
-        // shard is allowed on any pool, as before this setting existed.
+        // outbox marker and the expiry sweep take one each. With one batch
+        // per shard a short pool only makes shards wait for a connection,
+        // so that is allowed on any pool.
         let in_flight = self.worker.batches_in_flight as u64;
         let connections_needed = u64::from(self.topology.shards) * in_flight + 2;
         if in_flight > 1 && connections_needed > u64::from(self.database.max_connections) {
