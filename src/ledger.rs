@@ -1020,10 +1020,10 @@ impl BatchState {
         streams.dedup();
         let (stream_users, stream_ids): (Vec<&str>, Vec<&str>) = streams.into_iter().unzip();
 
-        // Every row carries the clock and the processed ids; the holds
-        // come one to a row, locked in the order of the sorted keys, after
-        // a row without a hold when none is found. Counting never reads
-        // the stored grant, so it is not sent.
+        // Every row carries the clock and the processed ids. The holds
+        // come one to a row, locked in the order of the sorted keys, and
+        // with no hold found the one row has empty hold columns. Counting
+        // never reads the stored grant, so it is not sent.
         let query = concat!(
             "SELECT now() AS batch_now, \
                  (SELECT coalesce(jsonb_agg(jsonb_build_array(p.user_id, p.message_id, p.reply)), '[]') \
