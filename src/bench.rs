@@ -918,3 +918,32 @@ fn print_figures(figures: &Figures, curve: &[(usize, f64)], args: &BenchArgs) {
     });
     println!("{json}");
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn settings_file_is_private_and_removed_on_drop() {
+        let mut settings = Settings::load_unvalidated(None, Vec::new()).expect("defaults load");
+        settings.database.url = crate::settings::SecretUrl::new("postgres://bench:secret@127.0.0.1:5432/bench");
+        settings.topology.prefix = "bench-file".to_owned();
+
+        let file = SettingsFile::write(&settings).expect("write the settings file");
+        let path = file.path.clone();
+        let mode = std::fs::metadata(&path).expect("the file exists").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+
+        let read = Settings::load_unvalidated(Some(&path), Vec::new()).expect("the worker can load the file");
+        assert_eq!(read.database.url.expose(), settings.database.url.expose());
+        assert_eq!(read.topology.prefix, "bench-file");
+
+        let second = SettingsFile::write(&settings).expect("write a second file");
+        assert_ne!(second.path, path, "each file gets a new name");
+
+        drop(file);
+        assert!(!path.exists(), "{} was not removed", path.display());
+    }
+}

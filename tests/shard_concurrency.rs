@@ -3,13 +3,17 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{Harness, Outbound, ROUND_MODEL, grant, start};
 use sqlx::Acquire;
 
 /// Round-price hold of each start: 10 + 2 * 100 = 210.
 const RESERVED: i64 = 210;
+
+/// `worker.batch_linger_ms` of the test whose second batch waits for more
+/// deliveries while the first is in flight.
+const LINGER: Duration = Duration::from_millis(1_000);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocked_user_does_not_hold_up_another() {
@@ -62,6 +66,53 @@ async fn blocked_user_does_not_hold_up_another() {
     );
     assert_eq!(harness.account(blocked).await.reserved, RESERVED);
     assert_eq!(harness.account(free).await.reserved, RESERVED);
+
+    drop(conn);
+    harness.finish().await;
+}
+
+/// A batch that waits for more deliveries keeps the batches in flight
+/// running: the blocked user's batch finishes as soon as its lock is
+/// released, not when the other user's batch stops waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_batch_finishes_while_next_waits() {
+    let harness = Harness::start("lingerpoll", |settings| {
+        settings.topology.shards = 1;
+        settings.worker.batches_in_flight = 2;
+        settings.worker.batch_linger_ms = LINGER.as_millis() as u64;
+    })
+    .await;
+    let (blocked, free) = ("u-blocked", "u-free");
+    harness.fund(blocked, "g-0", 1000).await;
+    harness.fund(free, "g-0", 1000).await;
+
+    let mut conn = harness.pool.acquire().await.expect("acquire a connection");
+    let mut lock = conn.begin().await.expect("begin");
+    sqlx::query("SELECT balance FROM accounts WHERE user_id = $1 FOR UPDATE")
+        .bind(blocked)
+        .execute(&mut *lock)
+        .await
+        .expect("lock the account row");
+
+    // The start requests a reply, so its batch is applied at once and
+    // waits on the lock.
+    harness
+        .publish_all(&[Outbound::request(&start(blocked, "s-blocked", "m-blocked", ROUND_MODEL, 10, 100), "c-blocked")])
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The top-up requests no reply, so its batch waits out the linger.
+    harness.publish_all(&[Outbound::json(&grant(free, "g-1", 5))]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    lock.rollback().await.expect("release the lock");
+    let released = Instant::now();
+    let blocked_reply = harness.reply("c-blocked").await;
+    let waited = released.elapsed();
+    assert_eq!(blocked_reply["type"], "reservation.granted", "{blocked_reply}");
+    assert!(
+        waited < LINGER / 2,
+        "the reply took {waited:?} after the lock was released, as if the lingering batch held it up"
+    );
 
     drop(conn);
     harness.finish().await;
