@@ -325,10 +325,11 @@ impl Ledger {
     /// returns one result per message.
     ///
     /// Chunks are counted in memory and written once per stream: one
-    /// update covers every stream's new counts and one insert records
-    /// every processed id, so a batch costs a few statements per stream
-    /// rather than several per chunk. A stream's counts are written before
-    /// any other message of that stream is applied.
+    /// statement writes every stream's new counts and every processed id
+    /// (but those of starts that placed a hold, which their own statement
+    /// records), so a batch costs a few statements per stream rather than
+    /// several per chunk. A stream's counts are written before any other
+    /// message of that stream is applied.
     pub async fn apply_batch(
         &self,
         conn: &mut PgConnection,
@@ -361,8 +362,9 @@ impl Ledger {
             };
 
             // Only an applied message is recorded, so a dead letter
-            // replayed later is applied then.
-            if applied.outcome == Outcome::Applied {
+            // replayed later is applied then. A start that placed a hold
+            // has recorded its id in the statement that placed it.
+            if applied.outcome == Outcome::Applied && !batch.known.contains_key(&key) {
                 batch.record(key, message.type_name(), stored_reply);
             }
             results.push(applied);
@@ -496,14 +498,17 @@ impl Ledger {
             let denial = self.explain_denial(conn, start, requested).await?;
             return Ok(self.record_denial(conn, denial, reply_to).await?);
         };
+        let processed = (start.user_id.clone(), start.message_id.clone());
+        batch.known.insert(processed, Some(body.clone()));
         let mut applied = Applied::new(Outcome::Applied);
         applied.outgoing = outgoing;
         Ok((applied, Some(body)))
     }
 
     /// Takes the hold's credits from the user's available credits when
-    /// they suffice and the user has a free stream slot, inserts the hold
-    /// and stores its grant in the outbox, all in one statement. Returns
+    /// they suffice and the user has a free stream slot, inserts the hold,
+    /// stores its grant in the outbox and records the start's message id
+    /// with the grant, all in one statement. Returns
     /// the grant and where to send it, or `None` when nothing was taken.
     /// PostgreSQL re-checks the guard after waiting for a concurrent
     /// writer's row lock, so no race can overdraw.
@@ -549,6 +554,8 @@ impl Ledger {
                  grant_reply, sized_by) \
                  SELECT $6, $8, $9, $10, $11, $12, $13, $14, $15, $15, $16, $17, $18, $18, body, $19 \
                  FROM event), \
+             processed AS (INSERT INTO processed_messages (user_id, message_id, kind, reply) \
+                 SELECT $8, $21, 'stream.started', body FROM event), \
              stored AS (",
             outbox_insert!(),
             ") SELECT stored.outbox_id, stored.destination, debit.available_after FROM stored, debit"
@@ -568,6 +575,7 @@ impl Ledger {
             .bind(now)
             .bind(allowance.sized_by.code())
             .bind(i32::try_from(self.settings.reservations.max_active_per_user).unwrap_or(i32::MAX))
+            .bind(&start.message_id)
             .fetch_all(&mut *conn)
             .await?;
         let Some(&(_, _, available_after)) = rows.first() else {
