@@ -342,11 +342,72 @@ pub struct WorkerSettings {
     /// Each other shard gets a standby subscription after
     /// `standby_delay_seconds`, which RabbitMQ's single active consumer
     /// activates only when the process consuming it goes away.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "one_or_many_shards")]
     pub home_shards: Vec<u16>,
     /// Wait before subscribing to shards that are not home shards, so
     /// that the processes whose home they are subscribe first.
     pub standby_delay_seconds: u64,
+}
+
+/// Reads `worker.home_shards` as a list or as one shard. `config` reads a
+/// variable such as `…__HOME_SHARDS=3`, which has no comma, as a number,
+/// and the items of `…__HOME_SHARDS=0,3` as text.
+fn one_or_many_shards<'de, D>(deserializer: D) -> Result<Vec<u16>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::de::{Error, SeqAccess, Visitor};
+
+    struct Shards;
+
+    impl<'de> Visitor<'de> for Shards {
+        type Value = Vec<u16>;
+
+        fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+            formatter.write_str("a shard number or a list of shard numbers")
+        }
+
+        fn visit_u64<E: Error>(self, shard: u64) -> Result<Self::Value, E> {
+            let shard = u16::try_from(shard).map_err(|_| E::custom(format!("shard {shard} is too large")))?;
+            Ok(vec![shard])
+        }
+
+        fn visit_i64<E: Error>(self, shard: i64) -> Result<Self::Value, E> {
+            let shard = u64::try_from(shard).map_err(|_| E::custom(format!("shard {shard} is negative")))?;
+            self.visit_u64(shard)
+        }
+
+        fn visit_str<E: Error>(self, text: &str) -> Result<Self::Value, E> {
+            let shard = text
+                .trim()
+                .parse::<u16>()
+                .map_err(|_| E::custom(format!("`{text}` is not a shard number")))?;
+            Ok(vec![shard])
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<Self::Value, A::Error> {
+            let mut shards = Vec::new();
+            while let Some(item) = items.next_element::<ShardItem>()? {
+                shards.push(item.0);
+            }
+            Ok(shards)
+        }
+    }
+
+    /// One item of the list: a number, or text holding one.
+    struct ShardItem(u16);
+
+    impl<'de> Deserialize<'de> for ShardItem {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            let shards = deserializer.deserialize_any(Shards)?;
+            match shards.as_slice() {
+                [shard] => Ok(Self(*shard)),
+                _ => Err(D::Error::custom("a list item must be one shard number")),
+            }
+        }
+    }
+
+    deserializer.deserialize_any(Shards)
 }
 
 /// HTTP endpoint settings.
@@ -594,7 +655,7 @@ impl Settings {
                 format!("must be at most {IN_FLIGHT_MAX}"),
             ));
         }
-        // A batch in flight holds a connection while it applies, and the
+        // A batch in flight takes a connection while it applies, and the
         // outbox marker and the expiry sweep take one each. With one batch
         // per shard a short pool only makes shards wait for a connection,
         // so that is allowed on any pool.
@@ -988,6 +1049,18 @@ mod tests {
     fn home_shards_parse_from_environment() {
         let settings = load_with(&[("STREAM_CREDITS__WORKER__HOME_SHARDS", "0,3")]).unwrap();
         assert_eq!(settings.worker.home_shards, vec![0, 3]);
+    }
+
+    #[test]
+    fn single_home_shard_parses_from_environment() {
+        let settings = load_with(&[("STREAM_CREDITS__WORKER__HOME_SHARDS", "5")]).unwrap();
+        assert_eq!(settings.worker.home_shards, vec![5]);
+    }
+
+    #[test]
+    fn non_numeric_home_shard_names_the_key() {
+        let text = error_text(&[("STREAM_CREDITS__WORKER__HOME_SHARDS", "first")]);
+        assert!(text.contains("worker.home_shards"), "{text}");
     }
 
     #[test]

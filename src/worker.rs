@@ -1142,39 +1142,45 @@ impl Maintenance {
         }
     }
 
-    /// Publishes outbox rows that a crash left unpublished. The rows stay
-    /// locked until they are marked, so two relays never send one row at
-    /// the same time.
+    /// Publishes outbox rows that a crash left unpublished, a batch at a
+    /// time until fewer than a full batch are left, so a backlog clears
+    /// within one tick. The rows stay locked until they are marked, so
+    /// two relays never send one row at the same time.
     async fn relay(&self) -> Result<(), SessionError> {
-        let result = async {
-            let mut tx = self.worker.pool.begin().await?;
-            let rows = ledger::lock_unpublished(&mut tx, RELAY_AGE_SECONDS, SWEEP_BATCH_MAX).await?;
-            Ok::<_, LedgerError>((tx, rows))
-        }
-        .await;
-        let (mut tx, rows) = match result {
-            Ok(found) => found,
-            Err(error) => {
-                warn!(%error, "outbox relay cannot read the database, retrying later");
+        loop {
+            let result = async {
+                let mut tx = self.worker.pool.begin().await?;
+                let rows = ledger::lock_unpublished(&mut tx, RELAY_AGE_SECONDS, SWEEP_BATCH_MAX).await?;
+                Ok::<_, LedgerError>((tx, rows))
+            }
+            .await;
+            let (mut tx, rows) = match result {
+                Ok(found) => found,
+                Err(error) => {
+                    warn!(%error, "outbox relay cannot read the database, retrying later");
+                    return Ok(());
+                }
+            };
+            if rows.is_empty() {
                 return Ok(());
             }
-        };
-        if rows.is_empty() {
-            return Ok(());
+            broker::publish_outgoing(&self.channel, &self.names, &rows).await?;
+            let ids: Vec<i64> = rows.iter().filter_map(|row| row.outbox_id).collect();
+            let marked = async {
+                ledger::mark_published(&mut tx, &ids).await?;
+                tx.commit().await?;
+                Ok::<_, LedgerError>(())
+            }
+            .await;
+            if let Err(error) = marked {
+                warn!(%error, "cannot mark relayed rows; they will be sent again");
+                return Ok(());
+            }
+            info!(rows = ids.len(), "relayed unpublished replies and events");
+            if (rows.len() as i64) < SWEEP_BATCH_MAX {
+                return Ok(());
+            }
         }
-        broker::publish_outgoing(&self.channel, &self.names, &rows).await?;
-        let ids: Vec<i64> = rows.iter().filter_map(|row| row.outbox_id).collect();
-        let marked = async {
-            ledger::mark_published(&mut tx, &ids).await?;
-            tx.commit().await?;
-            Ok::<_, LedgerError>(())
-        }
-        .await;
-        match marked {
-            Ok(()) => info!(rows = ids.len(), "relayed unpublished replies and events"),
-            Err(error) => warn!(%error, "cannot mark relayed rows; they will be sent again"),
-        }
-        Ok(())
     }
 }
 

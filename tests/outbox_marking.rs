@@ -14,17 +14,6 @@ use stream_credits::messages::EndStatus;
 /// marked within this wait was marked after its own confirm.
 const MARK_WAIT: Duration = Duration::from_secs(3);
 
-/// Counts the outbox rows of the test's database: all of them, and those
-/// not marked published.
-async fn outbox_rows(harness: &Harness) -> (i64, i64) {
-    sqlx::query_as(
-        "SELECT count(*), count(*) FILTER (WHERE published_at IS NULL) FROM outbox",
-    )
-    .fetch_one(&harness.pool)
-    .await
-    .expect("count the outbox rows")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirmed_rows_are_marked_promptly() {
     let harness = Harness::start("marking", |_| {}).await;
@@ -43,7 +32,8 @@ async fn confirmed_rows_are_marked_promptly() {
 
     let waited = Instant::now();
     let (total, unmarked) = loop {
-        let (total, unmarked) = outbox_rows(&harness).await;
+        let total = harness.count("SELECT count(*) FROM outbox").await;
+        let unmarked = harness.count("SELECT count(*) FROM outbox WHERE published_at IS NULL").await;
         if unmarked == 0 || waited.elapsed() > MARK_WAIT {
             break (total, unmarked);
         }

@@ -850,6 +850,15 @@ impl Harness {
             .expect("count ledger rows")
     }
 
+    /// Runs `query`, which returns one count such as `SELECT count(*) …`,
+    /// on the test's database.
+    pub async fn count(&self, query: &'static str) -> i64 {
+        sqlx::query_scalar(query)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or_else(|error| panic!("{query}: {error}"))
+    }
+
     /// Grants credits through the broker and waits until the balance shows
     /// them.
     pub async fn fund(&self, user_id: &str, message_id: &str, amount: i64) {
