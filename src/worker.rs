@@ -43,6 +43,11 @@ const RETRY_DELAY_MAX: Duration = Duration::from_secs(30);
 /// First pause after a failed attempt.
 const RETRY_DELAY_MIN: Duration = Duration::from_millis(200);
 
+/// Time a broker session must have run for its end to count as a new
+/// outage, which reconnects after the first pause, rather than as one
+/// more failed attempt, which pauses longer each time.
+const SESSION_STABLE_AFTER: Duration = Duration::from_secs(5);
+
 /// How often unpublished outbox rows are looked for.
 const RELAY_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -207,8 +212,8 @@ impl Worker {
                 Err(error) => {
                     metrics::counter!("stream_credits_reconnects_total").increment(1);
                     // A session that ran a while resets the backoff, so a
-                    // single drop reconnects quickly.
-                    if started.elapsed() > RETRY_DELAY_MAX {
+                    // drop after earlier drops still reconnects quickly.
+                    if started.elapsed() > SESSION_STABLE_AFTER {
                         attempt_delay = backoff().build();
                     }
                     let delay = attempt_delay.next().unwrap_or(RETRY_DELAY_MAX);
