@@ -192,8 +192,10 @@ macro_rules! outbox_insert {
     };
 }
 
-/// Adds each hold's counts from the arrays $1 (reservation ids), $2
-/// (tokens counted), $3 (chunks) and $4 (whether usage outgrew the hold).
+/// Writes each hold's counts from the arrays $1 (reservation ids), $2
+/// (the new total of tokens counted, which replaces the stored one), $3
+/// (chunks, added to the stored number) and $4 (whether usage outgrew the
+/// hold), and sets `last_event_at`.
 /// Each row is found by its key and updated by its row address, so the
 /// update never scans the table (see `BatchState::read`). The rows are
 /// locked by the batch's transaction, so their addresses cannot change.

@@ -51,8 +51,9 @@ const SESSION_STABLE_AFTER: Duration = Duration::from_secs(5);
 /// How often unpublished outbox rows are looked for.
 const RELAY_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Age after which an unpublished outbox row is taken to be orphaned by a
-/// crash between commit and publish, rather than in flight.
+/// Age after which the relay sends an unmarked outbox row: one orphaned by
+/// a crash between commit and marking, or one whose confirm or marking is
+/// still coming, which consumers then receive twice with one event id.
 const RELAY_AGE_SECONDS: f64 = 10.0;
 
 /// Maximum wait for the next already-received delivery while draining.
@@ -205,15 +206,15 @@ impl Worker {
     async fn supervise(&self) -> Result<(), WorkerError> {
         let mut attempt_delay = backoff().build();
         while !self.shutdown.is_cancelled() {
-            let started = tokio::time::Instant::now();
-            match self.session().await {
+            let mut established = None;
+            match self.session(&mut established).await {
                 Ok(()) => break,
                 Err(SessionError::Fatal(error)) => return Err(error),
                 Err(error) => {
                     metrics::counter!("stream_credits_reconnects_total").increment(1);
                     // A session that ran a while resets the backoff, so a
                     // drop after earlier drops still reconnects quickly.
-                    if started.elapsed() > SESSION_STABLE_AFTER {
+                    if established.is_some_and(|at: Instant| at.elapsed() >= SESSION_STABLE_AFTER) {
                         attempt_delay = backoff().build();
                     }
                     let delay = attempt_delay.next().unwrap_or(RETRY_DELAY_MAX);
@@ -228,8 +229,9 @@ impl Worker {
         Ok(())
     }
 
-    /// Runs one broker connection: declares, then consumes until shutdown or failure.
-    async fn session(&self) -> Result<(), SessionError> {
+    /// Runs one broker connection: declares, then consumes until shutdown or
+    /// failure. Sets `established` once every shard has its consumer task.
+    async fn session(&self, established: &mut Option<Instant>) -> Result<(), SessionError> {
         let connection = broker::connect(&self.settings.amqp, "stream-credits worker").await?;
         let setup = connection.create_channel().await?;
         let names = topology::declare(&setup, &self.settings.topology)
@@ -267,6 +269,7 @@ impl Worker {
         tasks.spawn(maintenance.run());
 
         self.broker_connected.store(true, Ordering::Relaxed);
+        *established = Some(Instant::now());
         let result = self.wait(&connection, &mut tasks, &session_stop).await;
         self.broker_connected.store(false, Ordering::Relaxed);
         session_stop.cancel();
@@ -281,9 +284,12 @@ impl Worker {
         // Rows whose confirms are still coming are marked before the
         // connection closes, so that the relay does not send them again.
         let (answer, flushed) = oneshot::channel();
-        if self.marks.send(ToMark::Flush(answer)).await.is_ok() {
-            let _ = tokio::time::timeout(CLOSE_WAIT, flushed).await;
-        }
+        let flush = async {
+            if self.marks.send(ToMark::Flush(answer)).await.is_ok() {
+                let _ = flushed.await;
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_WAIT, flush).await;
         // lapin's close can wait forever once its I/O loop has stopped, so
         // it is bounded; the broker drops the socket's channels either way.
         let close = connection.close(200, "worker stopping".into());
@@ -1147,12 +1153,12 @@ impl Maintenance {
         }
     }
 
-    /// Publishes outbox rows that a crash left unpublished, a batch at a
-    /// time until fewer than a full batch are left, so a backlog clears
-    /// within one tick. The rows stay locked until they are marked, so
-    /// two relays never send one row at the same time.
+    /// Publishes outbox rows left unmarked for `RELAY_AGE_SECONDS`, a
+    /// batch at a time until fewer than a full batch are left, an error
+    /// stops the pass or shutdown comes. The rows stay locked until they
+    /// are marked, so two relays never send one row at the same time.
     async fn relay(&self) -> Result<(), SessionError> {
-        loop {
+        while !self.stop.is_cancelled() {
             let result = async {
                 let mut tx = self.worker.pool.begin().await?;
                 let rows = ledger::lock_unpublished(&mut tx, RELAY_AGE_SECONDS, SWEEP_BATCH_MAX).await?;
@@ -1186,6 +1192,7 @@ impl Maintenance {
                 return Ok(());
             }
         }
+        Ok(())
     }
 }
 
