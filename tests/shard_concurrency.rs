@@ -6,7 +6,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{Harness, Outbound, ROUND_MODEL, grant, start};
-use sqlx::Acquire;
 
 /// Round-price hold of each start: 10 + 2 * 100 = 210.
 const RESERVED: i64 = 210;
@@ -14,6 +13,18 @@ const RESERVED: i64 = 210;
 /// `worker.batch_linger_ms` of the test whose second batch waits for more
 /// deliveries while the first is in flight.
 const LINGER: Duration = Duration::from_millis(1_000);
+
+/// Locks `user_id`'s account row in a transaction of the test, so that a
+/// worker batch that writes the row waits until the transaction ends.
+async fn lock_account(harness: &Harness, user_id: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut lock = harness.pool.begin().await.expect("begin");
+    sqlx::query("SELECT balance FROM accounts WHERE user_id = $1 FOR UPDATE")
+        .bind(user_id)
+        .execute(&mut *lock)
+        .await
+        .expect("lock the account row");
+    lock
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocked_user_does_not_hold_up_another() {
@@ -28,13 +39,7 @@ async fn blocked_user_does_not_hold_up_another() {
 
     // The test locks the blocked user's account row, so the worker's
     // batch that tops that user up waits on the lock.
-    let mut conn = harness.pool.acquire().await.expect("acquire a connection");
-    let mut lock = conn.begin().await.expect("begin");
-    sqlx::query("SELECT balance FROM accounts WHERE user_id = $1 FOR UPDATE")
-        .bind(blocked)
-        .execute(&mut *lock)
-        .await
-        .expect("lock the account row");
+    let lock = lock_account(&harness, blocked).await;
 
     harness
         .publish_all(&[
@@ -67,7 +72,6 @@ async fn blocked_user_does_not_hold_up_another() {
     assert_eq!(harness.account(blocked).await.reserved, RESERVED);
     assert_eq!(harness.account(free).await.reserved, RESERVED);
 
-    drop(conn);
     harness.finish().await;
 }
 
@@ -86,13 +90,7 @@ async fn in_flight_batch_finishes_while_next_waits() {
     harness.fund(blocked, "g-0", 1000).await;
     harness.fund(free, "g-0", 1000).await;
 
-    let mut conn = harness.pool.acquire().await.expect("acquire a connection");
-    let mut lock = conn.begin().await.expect("begin");
-    sqlx::query("SELECT balance FROM accounts WHERE user_id = $1 FOR UPDATE")
-        .bind(blocked)
-        .execute(&mut *lock)
-        .await
-        .expect("lock the account row");
+    let lock = lock_account(&harness, blocked).await;
 
     // The start requests a reply, so its batch is applied at once and
     // waits on the lock.
@@ -114,6 +112,5 @@ async fn in_flight_batch_finishes_while_next_waits() {
         "the reply took {waited:?} after the lock was released, as if the lingering batch held it up"
     );
 
-    drop(conn);
     harness.finish().await;
 }
