@@ -24,8 +24,9 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
-use sqlx::PgPool;
-use tokio::sync::{mpsc, oneshot};
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection as _, PgPool, Postgres};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span, debug, error, info, info_span, warn};
@@ -78,6 +79,15 @@ const MARK_ROWS_MAX: usize = 4_096;
 /// Maximum wait for the broker to confirm a batch's messages before their
 /// rows are left to the relay.
 const CONFIRM_WAIT: Duration = Duration::from_secs(30);
+
+/// Pool connections left to the expiry sweep, the relay and the marker
+/// when shards keep connections between batches.
+const CONNECTIONS_NOT_KEPT: u32 = 2;
+
+/// Idle time after which a shard gives its kept connection back rather
+/// than use it, so that a connection the server or network may have
+/// dropped meanwhile is checked by the pool first.
+const KEPT_IDLE_MAX: Duration = Duration::from_secs(30);
 
 /// A failure that ends the worker.
 #[derive(Debug, thiserror::Error)]
@@ -132,8 +142,10 @@ pub async fn run(settings: Arc<Settings>, shutdown: CancellationToken) -> Result
     let (marks, unmarked) = mpsc::channel(MARK_QUEUE_MAX);
     let marker_stop = CancellationToken::new();
     let marker = tokio::spawn(mark_in_background(pool.clone(), unmarked, marker_stop.clone()));
+    let keepable = settings.database.max_connections.saturating_sub(CONNECTIONS_NOT_KEPT);
     let worker = Worker {
         ledger: Ledger::new(settings.clone()),
+        keep_permits: Arc::new(Semaphore::new(keepable as usize)),
         settings,
         pool: pool.clone(),
         shutdown,
@@ -200,6 +212,8 @@ struct Worker {
     broker_connected: Arc<AtomicBool>,
     /// Outbox rows sent by the shards, for the background marker.
     marks: mpsc::Sender<ToMark>,
+    /// How many more pool connections the shards may keep between batches.
+    keep_permits: Arc<Semaphore>,
 }
 
 impl Worker {
@@ -257,6 +271,7 @@ impl Worker {
                 queue: names.shard(index),
                 stop: session_stop.clone(),
                 subscribe_after: if home { Duration::ZERO } else { standby_delay },
+                kept_connections: std::sync::Mutex::new(Vec::new()),
             };
             tasks.spawn(shard.consume());
         }
@@ -338,6 +353,19 @@ struct Shard {
     stop: CancellationToken,
     /// Zero for a home shard; the standby delay for any other.
     subscribe_after: Duration,
+    /// Connections kept from one batch to the next, one per batch in flight.
+    kept_connections: std::sync::Mutex<Vec<KeptConnection>>,
+}
+
+/// A pool connection a shard keeps between its batches. The pool checks a
+/// connection with a round trip when it hands it out and again when it
+/// gets it back, and the first check delays a start's reply. A connection
+/// whose batch fails goes back to the pool, which closes it if broken.
+struct KeptConnection {
+    conn: PoolConnection<Postgres>,
+    /// Counts the connection against `Worker::keep_permits`.
+    permit: Option<OwnedSemaphorePermit>,
+    idle_since: Instant,
 }
 
 /// A batch being applied, as a future that returns the batch's acker when done.
@@ -739,7 +767,8 @@ impl Shard {
             .filter_map(|item| item.message.as_ref().ok().map(|message| (message, &item.reply_to)))
             .collect();
         let span = info_span!("batch", queue = %self.queue, messages = valid.len());
-        let mut tx = self.worker.pool.begin().await?;
+        let mut kept = self.take_connection().await?;
+        let mut tx = kept.conn.begin().await?;
         let mut applied = self
             .worker
             .ledger
@@ -748,6 +777,7 @@ impl Shard {
             .await?
             .into_iter();
         tx.commit().await?;
+        self.keep_connection(kept);
 
         // Invalid deliveries have no result; the rest take theirs in order.
         let results = items
@@ -755,6 +785,31 @@ impl Shard {
             .map(|item| item.message.as_ref().ok().and_then(|_| applied.next()))
             .collect();
         Ok(results)
+    }
+
+    /// Takes the connection kept from an earlier batch, or one from the
+    /// pool, which this shard keeps afterwards if a permit is free.
+    async fn take_connection(&self) -> Result<KeptConnection, sqlx::Error> {
+        let kept = self.kept_connections.lock().expect("never poisoned").pop();
+        if let Some(kept) = kept {
+            if kept.idle_since.elapsed() < KEPT_IDLE_MAX {
+                return Ok(kept);
+            }
+        }
+        let conn = self.worker.pool.acquire().await?;
+        Ok(KeptConnection {
+            conn,
+            permit: self.worker.keep_permits.clone().try_acquire_owned().ok(),
+            idle_since: Instant::now(),
+        })
+    }
+
+    /// Keeps a connection whose batch committed, if it has a permit.
+    fn keep_connection(&self, mut kept: KeptConnection) {
+        if kept.permit.is_some() {
+            kept.idle_since = Instant::now();
+            self.kept_connections.lock().expect("never poisoned").push(kept);
+        }
     }
 
     async fn apply_one_with_retry(

@@ -11,15 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::process::{Load, LoadShape, TcpProxy, assert_settled_exactly_once, shards_consumed};
-use common::{Harness, amqp_connect, close_connection};
+use common::{Harness, RABBITMQ_ADDRESS, amqp_connect, close_connection};
 use lapin::ExchangeKind;
 use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use stream_credits::settings::SecretUrl;
-
-const RABBITMQ_ADDRESS: &str = "127.0.0.1:5672";
 
 const LOAD_BEFORE: Duration = Duration::from_secs(4);
 const CUT: Duration = Duration::from_secs(2);

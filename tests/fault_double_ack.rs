@@ -20,12 +20,10 @@ use std::time::{Duration, Instant};
 use common::process::{
     AmqpTap, Load, LoadShape, TapReport, TcpProxy, assert_settled_exactly_once, shards_consumed,
 };
-use common::{DeadLetter, Harness, Outbound, ROUND_MODEL, chunk, end, start};
+use common::{DeadLetter, Harness, Outbound, RABBITMQ_ADDRESS, ROUND_MODEL, chunk, end, start};
 use serde_json::json;
 use stream_credits::messages::EndStatus;
 use stream_credits::settings::SecretUrl;
-
-const RABBITMQ_ADDRESS: &str = "127.0.0.1:5672";
 
 const SHAPE: LoadShape = LoadShape {
     users: 12,

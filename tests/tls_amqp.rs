@@ -17,10 +17,8 @@ use std::time::{Duration, Instant};
 use common::process::{
     ScratchDir, TestCertificates, TlsProxy, WorkerProcess, output_without_secret, settle_brief_load,
 };
-use common::{Harness, run_binary};
+use common::{Harness, RABBITMQ_ADDRESS, run_binary};
 use stream_credits::settings::SecretUrl;
-
-const RABBITMQ_ADDRESS: &str = "127.0.0.1:5672";
 
 /// Password of the URL in the failure cases. RabbitMQ's guest user has
 /// the password `guest`, so these connections could not log in either,

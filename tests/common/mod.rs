@@ -63,7 +63,7 @@ const STOP_WAIT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(25);
 
 const POSTGRES_ADDRESS: &str = "127.0.0.1:5432";
-const RABBITMQ_ADDRESS: &str = "127.0.0.1:5672";
+pub const RABBITMQ_ADDRESS: &str = "127.0.0.1:5672";
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const START_POSTGRES: &str =
     "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start";
