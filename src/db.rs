@@ -1,9 +1,10 @@
 //! PostgreSQL pool, database creation and embedded migrations.
 
+use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::migrate::MigrateDatabase;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use crate::settings::{DatabaseSettings, redact_url};
 
@@ -51,12 +52,19 @@ impl DbError {
 
 /// Opens a pool. Connections are made lazily, so an unreachable database
 /// shows up as retryable errors on use rather than here.
+///
+/// The server ends a session that sits in a transaction for a minute
+/// without a statement. None of ours pauses that long, and a connection
+/// the network stopped carrying mid-transaction then releases its row
+/// locks, which the transaction's retry on a new connection waits for.
 pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, DbError> {
-    PgPoolOptions::new()
+    let options = PgConnectOptions::from_str(settings.url.expose())
+        .map_err(|source| connect_error(settings.url.redacted(), source))?
+        .options([("idle_in_transaction_session_timeout", "60s")]);
+    Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_secs(settings.acquire_timeout_seconds))
-        .connect_lazy(settings.url.expose())
-        .map_err(|source| connect_error(settings.url.redacted(), source))
+        .connect_lazy_with(options))
 }
 
 /// Wraps a failed connect, telling a TLS failure apart. sqlx reports a

@@ -84,10 +84,16 @@ const CONFIRM_WAIT: Duration = Duration::from_secs(30);
 /// when shards keep connections between batches.
 const CONNECTIONS_NOT_KEPT: u32 = 2;
 
-/// Idle time after which a shard gives its kept connection back rather
-/// than use it, so that a connection the server or network may have
-/// dropped meanwhile is checked by the pool first.
+/// Idle time after which a shard closes its kept connection and takes one
+/// from the pool, which checks it first, because the server or the network
+/// may have dropped the idle one meanwhile.
 const KEPT_IDLE_MAX: Duration = Duration::from_secs(30);
+
+/// Maximum time a batch's transaction may take, from `BEGIN` to the end of
+/// `COMMIT`, before its connection is closed and the batch retried. A
+/// connection that the network stopped carrying otherwise waits until the
+/// kernel gives up on it, which takes many minutes.
+const BATCH_DATABASE_WAIT: Duration = Duration::from_secs(10);
 
 /// A failure that ends the worker.
 #[derive(Debug, thiserror::Error)]
@@ -767,17 +773,29 @@ impl Shard {
             .filter_map(|item| item.message.as_ref().ok().map(|message| (message, &item.reply_to)))
             .collect();
         let span = info_span!("batch", queue = %self.queue, messages = valid.len());
-        let mut kept = self.take_connection().await?;
-        let mut tx = kept.conn.begin().await?;
-        let mut applied = self
-            .worker
-            .ledger
-            .apply_batch(&mut tx, &valid)
-            .instrument(span)
-            .await?
-            .into_iter();
-        tx.commit().await?;
-        self.keep_connection(kept);
+        let mut connection = self.take_connection().await?;
+        let transaction = async {
+            let mut tx = connection.conn.begin().await?;
+            let applied = self.worker.ledger.apply_batch(&mut tx, &valid).instrument(span).await?;
+            tx.commit().await?;
+            Ok::<_, LedgerError>(applied)
+        };
+        let mut applied = match tokio::time::timeout(BATCH_DATABASE_WAIT, transaction).await {
+            Ok(applied) => applied?.into_iter(),
+            Err(_) => {
+                // The server or the path to it went silent. The connection is
+                // closed rather than given back, because the pool's check of a
+                // returned connection would wait on it without end and hold
+                // its place in the pool.
+                drop(connection.conn.detach());
+                let silent = std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer from PostgreSQL within {BATCH_DATABASE_WAIT:?}"),
+                );
+                return Err(LedgerError::from(sqlx::Error::Io(silent)));
+            }
+        };
+        self.keep_connection(connection);
 
         // Invalid deliveries have no result; the rest take theirs in order.
         let results = items
@@ -790,11 +808,14 @@ impl Shard {
     /// Takes the connection kept from an earlier batch, or one from the
     /// pool, which this shard keeps afterwards if a permit is free.
     async fn take_connection(&self) -> Result<KeptConnection, sqlx::Error> {
-        let kept = self.kept_connections.lock().expect("never poisoned").pop();
-        if let Some(kept) = kept {
-            if kept.idle_since.elapsed() < KEPT_IDLE_MAX {
-                return Ok(kept);
+        let reused = self.kept_connections.lock().expect("never poisoned").pop();
+        if let Some(reused) = reused {
+            if reused.idle_since.elapsed() < KEPT_IDLE_MAX {
+                return Ok(reused);
             }
+            // Closed rather than given back, for the same reason as after a
+            // batch that timed out: the pool's check could wait without end.
+            drop(reused.conn.detach());
         }
         let conn = self.worker.pool.acquire().await?;
         Ok(KeptConnection {
@@ -805,10 +826,10 @@ impl Shard {
     }
 
     /// Keeps a connection whose batch committed, if it has a permit.
-    fn keep_connection(&self, mut kept: KeptConnection) {
-        if kept.permit.is_some() {
-            kept.idle_since = Instant::now();
-            self.kept_connections.lock().expect("never poisoned").push(kept);
+    fn keep_connection(&self, mut connection: KeptConnection) {
+        if connection.permit.is_some() {
+            connection.idle_since = Instant::now();
+            self.kept_connections.lock().expect("never poisoned").push(connection);
         }
     }
 
