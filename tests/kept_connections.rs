@@ -64,7 +64,7 @@ async fn start_granted_after_connection_went_silent() {
     fund_and_start_first(&harness).await;
 
     // The worker's open connections stay open but carry nothing, as after
-    // a lost route; new connections work.
+    // a lost route. New connections work.
     proxy.silence_open_connections();
     start_second(&harness).await;
     harness.finish().await;
@@ -98,8 +98,8 @@ async fn start_second(harness: &Harness) {
 /// them, while it forwards new connections as before.
 struct SilencingProxy {
     address: String,
-    /// Raised by each silencing; a connection older than the current
-    /// value carries nothing.
+    /// A counter raised by each silencing. A connection accepted before the
+    /// current value carries nothing.
     generation: watch::Sender<u64>,
 }
 

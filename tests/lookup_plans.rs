@@ -37,8 +37,8 @@ async fn chunk_batches_never_scan_processed_messages() {
 
     harness.stop_worker().await;
     harness.wait_for_worker_sessions().await;
-    // Rows read by sequential scans, rather than scans: a migration that
-    // rebuilds an index scans the table while it is still empty.
+    // Counts rows read by sequential scans, not the scans themselves,
+    // because a migration that rebuilds an index scans the empty table.
     let scanned_rows: i64 = sqlx::query_scalar(
         "SELECT seq_tup_read FROM pg_stat_user_tables WHERE relname = 'processed_messages'",
     )
