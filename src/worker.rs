@@ -89,10 +89,11 @@ const CONNECTIONS_NOT_KEPT: u32 = 2;
 /// may have dropped the idle one meanwhile.
 const KEPT_IDLE_MAX: Duration = Duration::from_secs(30);
 
-/// Maximum time a batch's transaction may take, from `BEGIN` to the end of
-/// `COMMIT`, before its connection is closed and the batch retried. A
-/// connection that the network stopped carrying otherwise waits until the
-/// kernel gives up on it, which takes many minutes.
+/// Maximum time a shard's transaction, for a batch or for one message, may
+/// take from `BEGIN` to the end of `COMMIT` before its connection is closed
+/// and the transaction retried. A connection that the network stopped
+/// carrying otherwise waits until the kernel gives up on it, which takes
+/// many minutes.
 const BATCH_DATABASE_WAIT: Duration = Duration::from_secs(10);
 
 /// A failure that ends the worker.
@@ -366,7 +367,8 @@ struct Shard {
 /// A pool connection a shard keeps between its batches. The pool checks a
 /// connection with a round trip when it hands it out and again when it
 /// gets it back, and the first check delays a start's reply. A connection
-/// whose batch fails goes back to the pool, which closes it if broken.
+/// whose batch fails with an error goes back to the pool, which closes it
+/// if broken, and one whose batch timed out is closed.
 struct KeptConnection {
     conn: PoolConnection<Postgres>,
     /// Counts the connection against `Worker::keep_permits`.
@@ -773,15 +775,39 @@ impl Shard {
             .filter_map(|item| item.message.as_ref().ok().map(|message| (message, &item.reply_to)))
             .collect();
         let span = info_span!("batch", queue = %self.queue, messages = valid.len());
+        let mut applied = self
+            .in_transaction(async |conn| self.worker.ledger.apply_batch(conn, &valid).instrument(span).await)
+            .await?
+            .into_iter();
+
+        // Invalid deliveries have no result; the rest take theirs in order.
+        let results = items
+            .iter()
+            .map(|item| item.message.as_ref().ok().and_then(|_| applied.next()))
+            .collect();
+        Ok(results)
+    }
+
+    /// Runs `work` in one transaction on a connection from `take_connection`
+    /// and commits. A transaction that has not committed within
+    /// `BATCH_DATABASE_WAIT` fails as retryable, and its connection is closed.
+    async fn in_transaction<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, LedgerError>,
+    ) -> Result<T, LedgerError> {
         let mut connection = self.take_connection().await?;
         let transaction = async {
             let mut tx = connection.conn.begin().await?;
-            let applied = self.worker.ledger.apply_batch(&mut tx, &valid).instrument(span).await?;
+            let result = work(&mut tx).await?;
             tx.commit().await?;
-            Ok::<_, LedgerError>(applied)
+            Ok::<_, LedgerError>(result)
         };
-        let mut applied = match tokio::time::timeout(BATCH_DATABASE_WAIT, transaction).await {
-            Ok(applied) => applied?.into_iter(),
+        match tokio::time::timeout(BATCH_DATABASE_WAIT, transaction).await {
+            Ok(result) => {
+                let result = result?;
+                self.keep_connection(connection);
+                Ok(result)
+            }
             Err(_) => {
                 // The server or the path to it went silent. The connection is
                 // closed rather than given back, because the pool's check of a
@@ -792,17 +818,9 @@ impl Shard {
                     std::io::ErrorKind::TimedOut,
                     format!("no answer from PostgreSQL within {BATCH_DATABASE_WAIT:?}"),
                 );
-                return Err(LedgerError::from(sqlx::Error::Io(silent)));
+                Err(LedgerError::from(sqlx::Error::Io(silent)))
             }
-        };
-        self.keep_connection(connection);
-
-        // Invalid deliveries have no result; the rest take theirs in order.
-        let results = items
-            .iter()
-            .map(|item| item.message.as_ref().ok().and_then(|_| applied.next()))
-            .collect();
-        Ok(results)
+        }
     }
 
     /// Takes the connection kept from an earlier batch, or one from the
@@ -840,12 +858,7 @@ impl Shard {
         let Ok(message) = &item.message else {
             return Some(None);
         };
-        let once = || async {
-            let mut tx = self.worker.pool.begin().await?;
-            let applied = self.apply_traced(&mut tx, message, item).await?;
-            tx.commit().await?;
-            Ok::<_, LedgerError>(applied)
-        };
+        let once = || self.in_transaction(async |conn| self.apply_traced(conn, message, item).await);
         // A final error is retried in place, a bounded number of times,
         // rather than returned to the queue: a requeued message would be
         // applied after later messages of the same user, such as a chunk
