@@ -761,10 +761,17 @@ impl Shard {
             };
             let pause = pauses.next().unwrap_or(RETRY_DELAY_MAX);
             metrics::counter!("stream_credits_database_errors_total").increment(1);
+            if self.stop.is_cancelled() {
+                warn!(%error, queue = %self.queue, "database unavailable while stopping, batch returned to the queue unapplied");
+                return None;
+            }
             warn!(%error, ?pause, queue = %self.queue, "database unavailable, batch will be retried");
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
-                () = self.stop.cancelled() => return None,
+                () = self.stop.cancelled() => {
+                    warn!(queue = %self.queue, "stopping before the database came back, batch returned to the queue unapplied");
+                    return None;
+                }
             }
         }
     }
