@@ -23,6 +23,8 @@
 //!   replies and events.
 //! - [`worker`]: the consumer loop, batches, retries, dead letters and the
 //!   expiry sweep.
+//! - [`retention`]: deleting the records of counted chunks whose streams
+//!   are settled.
 //! - [`accounts`]: read-only account views with their open holds.
 //! - [`invariants`]: whole-database checks of the ledger's invariants.
 //! - [`db`]: connection pool and embedded migrations.
@@ -56,6 +58,7 @@ pub mod pricing;
 pub mod producer;
 pub mod replay;
 pub mod report;
+pub mod retention;
 pub mod settings;
 pub mod settlement;
 pub mod telemetry;

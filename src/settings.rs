@@ -164,6 +164,7 @@ pub struct Settings {
     pub reservations: ReservationSettings,
     pub limits: LimitSettings,
     pub worker: WorkerSettings,
+    pub retention: RetentionSettings,
     pub http: HttpSettings,
     pub log: LogSettings,
     /// Price table by lower-case model name. Loaded apart from the other
@@ -349,6 +350,16 @@ pub struct WorkerSettings {
     pub standby_delay_seconds: u64,
 }
 
+/// How long the worker keeps the records that make messages idempotent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RetentionSettings {
+    /// How often the retention job runs, in seconds; 0 turns it off. The
+    /// job deletes the record of every chunk counted ten minutes or more
+    /// before the oldest open hold was placed: that chunk's stream is
+    /// settled, so a copy of it arriving later is dropped without one.
+    pub interval_seconds: u64,
+}
+
 /// Reads `worker.home_shards` as a list or as one shard. `config` reads a
 /// variable such as `…__HOME_SHARDS=3`, which has no comma, as a number,
 /// and the items of `…__HOME_SHARDS=0,3` as text.
@@ -484,6 +495,11 @@ impl Default for Settings {
                 shutdown_timeout_seconds: 30,
                 home_shards: Vec::new(),
                 standby_delay_seconds: 15,
+            },
+            retention: RetentionSettings {
+                // Ten minutes of chunks at a time keeps each run short
+                // next to the traffic that left them.
+                interval_seconds: 600,
             },
             http: HttpSettings {
                 listen: "127.0.0.1:9464".to_owned(),
@@ -673,6 +689,15 @@ impl Settings {
                      database.max_connections or lower worker.batches_in_flight",
                     self.topology.shards, self.database.max_connections
                 ),
+            ));
+        }
+        // A timer far in the future overflows; a month between runs is
+        // already more than any table should wait.
+        const RETENTION_INTERVAL_MAX: u64 = 30 * 24 * 3600;
+        if self.retention.interval_seconds > RETENTION_INTERVAL_MAX {
+            return Err(SettingsError::invalid(
+                "retention.interval_seconds",
+                format!("must be at most {RETENTION_INTERVAL_MAX}"),
             ));
         }
         // A longer wait would hold every delivery of a quiet shard
@@ -1015,6 +1040,15 @@ mod tests {
         assert!(text.contains("at most 1000"), "{text}");
         let settings = load_with(&[("STREAM_CREDITS__WORKER__BATCH_LINGER_MS", "1000")]).unwrap();
         assert_eq!(settings.worker.batch_linger_ms, 1000);
+    }
+
+    #[test]
+    fn retention_interval_above_a_month_names_the_key() {
+        let text = error_text(&[("STREAM_CREDITS__RETENTION__INTERVAL_SECONDS", "2592001")]);
+        assert!(text.contains("retention.interval_seconds"), "{text}");
+        assert!(text.contains("at most 2592000"), "{text}");
+        let settings = load_with(&[("STREAM_CREDITS__RETENTION__INTERVAL_SECONDS", "0")]).unwrap();
+        assert_eq!(settings.retention.interval_seconds, 0);
     }
 
     #[test]

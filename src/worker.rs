@@ -35,6 +35,7 @@ use crate::broker::{self, BrokerError, DeadLetter};
 use crate::db;
 use crate::ledger::{self, Applied, Ledger, LedgerError, Outcome, Outgoing, ReplyTo};
 use crate::messages::{self, DenialReason, Inbound, PartialIds, Rejection, ReservationDenied};
+use crate::retention;
 use crate::settings::Settings;
 use crate::topology::{self, Names, TopologyError};
 
@@ -75,6 +76,17 @@ const MARK_QUEUE_MAX: usize = 1_024;
 
 /// Maximum outbox ids marked in one statement.
 const MARK_ROWS_MAX: usize = 4_096;
+
+/// Chunk records one statement of the retention job deletes, so that a
+/// statement holds few row locks and ends well within a second. The job
+/// runs statements until nothing is left to delete.
+const RETENTION_BATCH_MAX: i64 = 10_000;
+
+/// Longest run of the retention job. The expiry sweep and the outbox
+/// relay share its task, so a large backlog is deleted in runs this long,
+/// `RETENTION_RESUME_AFTER` apart, rather than in one that holds them up.
+const RETENTION_RUN_MAX: Duration = Duration::from_secs(20);
+const RETENTION_RESUME_AFTER: Duration = Duration::from_secs(1);
 
 /// Maximum wait for the broker to confirm a batch's messages before their
 /// rows are left to the relay.
@@ -1196,7 +1208,8 @@ async fn mark_published(pool: &PgPool, ids: &[i64]) {
     }
 }
 
-/// The expiry sweep and the outbox relay, on one confirm channel.
+/// The expiry sweep, the outbox relay and the retention job, on one
+/// confirm channel.
 struct Maintenance {
     worker: Worker,
     names: Arc<Names>,
@@ -1211,13 +1224,49 @@ impl Maintenance {
         let mut relay = tokio::time::interval(RELAY_INTERVAL);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         relay.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first run waits a whole interval: a worker that restarts
+        // often would otherwise run the job at every start.
+        let retain_every = Duration::from_secs(self.worker.settings.retention.interval_seconds);
+        let mut retain = (!retain_every.is_zero())
+            .then(|| tokio::time::interval_at(tokio::time::Instant::now() + retain_every, retain_every));
+        if let Some(retain) = retain.as_mut() {
+            retain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
         loop {
             tokio::select! {
                 () = self.stop.cancelled() => return Ok(()),
                 _ = sweep.tick() => self.sweep().await?,
                 _ = relay.tick() => self.relay().await?,
+                _ = async { retain.as_mut().expect("checked by the condition").tick().await }, if retain.is_some() => {
+                    if self.retain().await {
+                        retain.as_mut().expect("ticked above").reset_after(RETENTION_RESUME_AFTER);
+                    }
+                }
             }
         }
+    }
+
+    /// Deletes the chunk records that no copy can need, a batch at a
+    /// time, until none is left, shutdown comes or `RETENTION_RUN_MAX`
+    /// has passed. Returns whether records are left for a run soon after,
+    /// once the sweep and the relay have had their turn. Database errors
+    /// are logged and left to the next interval.
+    async fn retain(&self) -> bool {
+        let until = Instant::now() + RETENTION_RUN_MAX;
+        let run = retention::remove_all(&self.worker.pool, RETENTION_BATCH_MAX, || {
+            !self.stop.is_cancelled() && Instant::now() < until
+        })
+        .await;
+        if run.removed > 0 {
+            metrics::counter!("stream_credits_chunk_records_deleted_total").increment(run.removed);
+            info!(records = run.removed, finished = run.finished, "deleted chunk records of settled streams");
+        }
+        if let Some(error) = run.error {
+            metrics::counter!("stream_credits_database_errors_total").increment(1);
+            warn!(%error, "retention job failed, retrying at the next interval");
+            return false;
+        }
+        !run.finished
     }
 
     /// Expires idle holds until none is left. Database errors are logged

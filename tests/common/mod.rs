@@ -903,6 +903,15 @@ impl Harness {
         }
     }
 
+    /// Starts the worker again, with the same settings, after
+    /// `stop_worker`.
+    pub async fn restart_worker(&mut self) {
+        assert!(self.worker.is_none(), "the worker is still running");
+        self.shutdown = CancellationToken::new();
+        self.worker = Some(tokio::spawn(worker::run(self.settings.clone(), self.shutdown.clone())));
+        self.wait_until_consuming().await;
+    }
+
     /// Waits until the stopped worker's database sessions have ended, and
     /// with them their unsent table statistics.
     pub async fn wait_for_worker_sessions(&self) {
