@@ -773,17 +773,16 @@ impl Shard {
             };
             let pause = pauses.next().unwrap_or(RETRY_DELAY_MAX);
             metrics::counter!("stream_credits_database_errors_total").increment(1);
-            if self.stop.is_cancelled() {
-                warn!(%error, queue = %self.queue, "database unavailable while stopping, batch returned to the queue unapplied");
-                return None;
-            }
-            warn!(%error, ?pause, queue = %self.queue, "database unavailable, batch will be retried");
-            tokio::select! {
-                () = tokio::time::sleep(pause) => {}
-                () = self.stop.cancelled() => {
-                    warn!(queue = %self.queue, "stopping before the database came back, batch returned to the queue unapplied");
-                    return None;
+            let stopped = self.stop.is_cancelled() || {
+                warn!(%error, ?pause, queue = %self.queue, "database unavailable, batch will be retried");
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => false,
+                    () = self.stop.cancelled() => true,
                 }
+            };
+            if stopped {
+                warn!(%error, queue = %self.queue, "stopping with the database unavailable, batch returned to the queue unapplied");
+                return None;
             }
         }
     }
