@@ -80,3 +80,23 @@ async fn account_commands_work() {
 
     harness.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_leaves_a_missing_database_missing() {
+    let harness = Harness::database_only("account_missing").await;
+    let missing = format!("{}_missing", harness.database_name());
+    let url = database_url(&missing);
+    let env = [("STREAM_CREDITS__DATABASE__URL", url.as_str())];
+
+    let output = run_binary(&["account", "show", USER, "--json"], &env).await;
+    assert!(!output.status.success(), "show against a missing database exited 0");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&missing), "stderr: {stderr}");
+    let created: bool = sqlx::query_scalar("SELECT EXISTS (SELECT FROM pg_database WHERE datname = $1)")
+        .bind(&missing)
+        .fetch_one(&harness.pool)
+        .await
+        .expect("look the database up");
+    assert!(!created, "account show created database {missing}");
+    harness.finish().await;
+}
