@@ -269,7 +269,7 @@ fn grant_body(message: &Inbound) -> serde_json::Value {
 /// Reads the account without creating or migrating the database, so a
 /// mistyped `database.url` fails instead of leaving an empty database.
 async fn show(settings: Arc<Settings>, args: ShowArgs) -> Result<(), Failure> {
-    let pool = db::pool(&settings.database)?;
+    let pool = db::connect(&settings.database).await?;
     print_account(&pool, &settings, &args.user, args.json).await
 }
 

@@ -4,7 +4,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::migrate::MigrateDatabase;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 
 use crate::settings::{DatabaseSettings, redact_url};
 
@@ -88,6 +89,19 @@ fn connect_error(url: String, source: sqlx::Error) -> DbError {
         error: source,
         hint,
     }
+}
+
+/// Opens a pool on a database that must exist, after one connection
+/// made outside the pool has answered, so that a failure reports its
+/// cause at once rather than as a pool timeout. Neither creates the
+/// database nor applies migrations.
+pub async fn connect(settings: &DatabaseSettings) -> Result<PgPool, DbError> {
+    let pool = pool(settings)?;
+    let check = PgConnection::connect_with(&pool.connect_options())
+        .await
+        .map_err(|source| connect_error(settings.url.redacted(), source))?;
+    let _ = check.close().await;
+    Ok(pool)
 }
 
 /// Creates the database when missing and applies every migration.
