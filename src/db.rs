@@ -92,7 +92,7 @@ fn connect_error(url: String, source: sqlx::Error) -> DbError {
 }
 
 /// Opens a pool on a database that must exist, after one connection
-/// made outside the pool has answered, so that a failure reports its
+/// made outside the pool has succeeded, so that a failure reports its
 /// cause at once rather than as a pool timeout. Neither creates the
 /// database nor applies migrations.
 pub async fn connect(settings: &DatabaseSettings) -> Result<PgPool, DbError> {

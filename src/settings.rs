@@ -43,6 +43,15 @@ pub enum SettingsError {
         origin: String,
         expected: String,
     },
+    /// A value of the right type that a check of [`Settings::validate`]
+    /// rejected, with where it was set.
+    #[error("invalid value `{value}` for `{key}` in {origin}: {reason}")]
+    Rejected {
+        key: String,
+        value: String,
+        origin: String,
+        reason: String,
+    },
     #[error("invalid settings file {path}, line {line}, column {column}: {reason}")]
     FileSyntax {
         path: PathBuf,
@@ -517,8 +526,18 @@ impl Settings {
     /// Loads settings from the defaults, `file` (or `stream-credits.toml`
     /// when it exists) and the environment, then validates them.
     pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
-        let settings = Self::load_unvalidated(file, std::env::vars())?;
-        settings.validate()?;
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// Loads and validates settings like [`Settings::load`] from an
+    /// explicit set of environment variables. A rejected value is
+    /// reported with where it was set.
+    pub fn load_from(
+        file: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, SettingsError> {
+        let (settings, set_values) = Self::load_with_origins(file, vars)?;
+        settings.validate().map_err(|error| set_values.locate(error))?;
         Ok(settings)
     }
 
@@ -528,6 +547,13 @@ impl Settings {
         file: Option<&Path>,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, SettingsError> {
+        Ok(Self::load_with_origins(file, vars)?.0)
+    }
+
+    fn load_with_origins(
+        file: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(Self, SetValues), SettingsError> {
         let defaults = config::Config::try_from(&Self::default()).map_err(SettingsError::Load)?;
         let mut builder = config::Config::builder().add_source(defaults);
 
@@ -559,6 +585,7 @@ impl Settings {
             .partition(|(key, _)| key.to_ascii_uppercase().starts_with(MODEL_ENV_PREFIX));
         model_layers.push(models_from_env(model_vars)?);
         set_values.add_env(&vars)?;
+        set_values.check_integers()?;
         let environment = config::Environment::with_prefix(ENV_PREFIX)
             .prefix_separator("__")
             .separator("__")
@@ -575,7 +602,7 @@ impl Settings {
         for layer in model_layers {
             apply_model_overrides(&mut settings.models, layer)?;
         }
-        Ok(settings)
+        Ok((settings, set_values))
     }
 
     /// Checks every value that the types alone cannot, naming the key of
@@ -970,9 +997,7 @@ mod tests {
         let vars = vars
             .iter()
             .map(|(key, value)| (key.to_string(), value.to_string()));
-        let settings = Settings::load_unvalidated(None, vars)?;
-        settings.validate()?;
-        Ok(settings)
+        Settings::load_from(None, vars)
     }
 
     fn error_text(vars: &[(&str, &str)]) -> String {
@@ -1047,8 +1072,20 @@ mod tests {
         let text = error_text(&[("STREAM_CREDITS__RETENTION__INTERVAL_SECONDS", "2592001")]);
         assert!(text.contains("retention.interval_seconds"), "{text}");
         assert!(text.contains("at most 2592000"), "{text}");
+        assert!(text.contains("`2592001`"), "{text}");
+        assert!(text.contains("environment variable STREAM_CREDITS__RETENTION__INTERVAL_SECONDS"), "{text}");
         let settings = load_with(&[("STREAM_CREDITS__RETENTION__INTERVAL_SECONDS", "0")]).unwrap();
         assert_eq!(settings.retention.interval_seconds, 0);
+    }
+
+    #[test]
+    fn fraction_for_an_integer_setting_is_rejected() {
+        let text = error_text(&[("STREAM_CREDITS__RESERVATIONS__TTL_SECONDS", "2.7")]);
+        assert!(text.contains("reservations.ttl_seconds"), "{text}");
+        assert!(text.contains("`2.7`"), "{text}");
+        assert!(text.contains("integer"), "{text}");
+        let settings = load_with(&[("STREAM_CREDITS__RESERVATIONS__TTL_SECONDS", "3.0")]).unwrap();
+        assert_eq!(settings.reservations.ttl_seconds, 3);
     }
 
     #[test]

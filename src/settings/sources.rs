@@ -99,6 +99,48 @@ impl SetValues {
         );
     }
 
+    /// Rejects a number with a fraction set for an integer setting, which
+    /// `config` would otherwise round to the nearest integer.
+    pub(super) fn check_integers(&self) -> Result<(), SettingsError> {
+        for (key, set) in &self.values {
+            let has_fraction = set.value.as_f64().is_some_and(|number| number.fract() != 0.0);
+            let default = key.split('.').try_fold(&self.defaults, |node, part| node.get(part));
+            if !has_fraction || !default.is_some_and(|default| default.is_u64() || default.is_i64()) {
+                continue;
+            }
+            return Err(SettingsError::Value {
+                key: key.clone(),
+                value: set.text.clone(),
+                origin: set.origin.clone(),
+                expected: self.expected(key, &set.value).unwrap_or_else(|| "an integer".to_owned()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Adds the value as written and where it was set to an error of
+    /// [`Settings::validate`] about a key that the file or the environment
+    /// set. Other errors are returned as they are.
+    pub(super) fn locate(&self, error: SettingsError) -> SettingsError {
+        let SettingsError::Invalid { key, reason } = error else {
+            return error;
+        };
+        let Some(set) = self.values.get(&key) else {
+            return SettingsError::Invalid { key, reason };
+        };
+        let value = if key.ends_with(".url") {
+            redact_url(&set.text)
+        } else {
+            set.text.clone()
+        };
+        SettingsError::Rejected {
+            key,
+            value,
+            origin: set.origin.clone(),
+            reason,
+        }
+    }
+
     /// Fails when `key` is not a setting: unknown, or a section rather
     /// than one of its keys.
     fn check_key(&self, key: &str, origin: &str) -> Result<(), SettingsError> {
