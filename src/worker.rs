@@ -82,9 +82,10 @@ const MARK_ROWS_MAX: usize = 4_096;
 /// runs statements until nothing is left to delete.
 const RETENTION_BATCH_MAX: i64 = 10_000;
 
-/// Longest run of the retention job. The expiry sweep and the outbox
-/// relay share its task, so a large backlog is deleted in runs this long,
-/// `RETENTION_RESUME_AFTER` apart, rather than in one that holds them up.
+/// Maximum length of one run of the retention job. The expiry sweep and
+/// the outbox relay share its task, so a large backlog is deleted in runs
+/// this long, `RETENTION_RESUME_AFTER` apart, rather than in one that
+/// holds them up.
 const RETENTION_RUN_MAX: Duration = Duration::from_secs(20);
 const RETENTION_RESUME_AFTER: Duration = Duration::from_secs(1);
 
@@ -286,21 +287,22 @@ impl Worker {
             let shard = Shard {
                 worker: self.clone(),
                 names: names.clone(),
-                channel,
+                channel: channel.clone(),
                 queue: names.shard(index),
                 stop: session_stop.clone(),
                 subscribe_after: if home { Duration::ZERO } else { standby_delay },
                 kept_connections: std::sync::Mutex::new(Vec::new()),
             };
-            tasks.spawn(shard.consume());
+            tasks.spawn(closing_channel(channel, shard.consume()));
         }
+        let channel = broker::confirm_channel(&connection).await?;
         let maintenance = Maintenance {
             worker: self.clone(),
             names: names.clone(),
-            channel: broker::confirm_channel(&connection).await?,
+            channel: channel.clone(),
             stop: session_stop.clone(),
         };
-        tasks.spawn(maintenance.run());
+        tasks.spawn(closing_channel(channel, maintenance.run()));
 
         self.broker_connected.store(true, Ordering::Relaxed);
         *established = Some(Instant::now());
@@ -324,6 +326,7 @@ impl Worker {
             }
         };
         let _ = tokio::time::timeout(CLOSE_WAIT, flush).await;
+        close_channel(&setup).await;
         // lapin's close can wait forever once its I/O loop has stopped, so
         // it is bounded; the broker drops the socket's channels either way.
         let close = connection.close(200, "worker stopping".into());
@@ -432,6 +435,26 @@ impl<'a> InFlight<'a> {
         self.users.pop_front();
         Some(done)
     }
+}
+
+/// Runs a task of the session and then, unless it failed, closes its
+/// channel. lapin otherwise closes a channel in the background when its
+/// last handle is dropped, and one still closing when the connection
+/// closes is logged as a connection error.
+async fn closing_channel(
+    channel: Channel,
+    task: impl Future<Output = Result<(), SessionError>>,
+) -> Result<(), SessionError> {
+    let result = task.await;
+    if result.is_ok() {
+        close_channel(&channel).await;
+    }
+    result
+}
+
+/// Closes `channel`, waiting at most `CLOSE_WAIT` for the broker.
+async fn close_channel(channel: &Channel) {
+    let _ = tokio::time::timeout(CLOSE_WAIT, channel.close(200, "worker stopping".into())).await;
 }
 
 /// The fate of one delivery once its batch is done.

@@ -130,6 +130,10 @@ async fn sigterm_drains_and_settles_every_stream_once() {
         "the last worker exited with {status} after SIGTERM; see {}",
         log.display()
     );
+    // A clean stop logs no error, lapin's included.
+    let logged = std::fs::read_to_string(&log).expect("read the worker log");
+    let errors: Vec<&str> = logged.lines().filter(|line| line.contains(" ERROR ")).collect();
+    assert!(errors.is_empty(), "errors logged across the stops: {errors:#?}");
     let harness = Arc::into_inner(harness).expect("the load released the harness");
     harness.finish().await;
 }
