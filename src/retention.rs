@@ -11,9 +11,9 @@
 //! its transaction began, which may be before the transaction that placed
 //! the hold it then read.
 //!
-//! Records of starts, ends and credit grants are kept: a copy of a grant
-//! whose record was gone would add the credits again, and they number a
-//! few per stream, as the holds and the ledger do.
+//! Records of starts, ends and credit grants are kept, because a copy of
+//! a grant whose record was gone would add the credits again. There are
+//! only a few of them per stream, like the rows of holds and the ledger.
 
 use sqlx::PgPool;
 
@@ -47,7 +47,7 @@ pub async fn remove_once(pool: &PgPool, limit: i64) -> Result<u64, LedgerError> 
     Ok(removed)
 }
 
-/// What a run of [`remove_all`] did.
+/// The outcome of one run of [`remove_all`].
 #[derive(Debug, Default)]
 pub struct Run {
     /// Records deleted by the passes that finished.

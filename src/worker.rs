@@ -84,8 +84,8 @@ const RETENTION_BATCH_MAX: i64 = 10_000;
 
 /// Maximum length of one run of the retention job. The expiry sweep and
 /// the outbox relay share its task, so a large backlog is deleted in runs
-/// this long, `RETENTION_RESUME_AFTER` apart, rather than in one that
-/// holds them up.
+/// this long, `RETENTION_RESUME_AFTER` apart, rather than in one long run
+/// that delays them.
 const RETENTION_RUN_MAX: Duration = Duration::from_secs(20);
 const RETENTION_RESUME_AFTER: Duration = Duration::from_secs(1);
 

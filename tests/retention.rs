@@ -69,8 +69,9 @@ async fn retention_deletes_only_what_no_copy_needs() {
     // Ages as a long-running worker would leave them: the settled stream's
     // chunks counted well before the open hold was placed, and the grant
     // and the settled stream's start and end two days ago. The open
-    // stream's records carry a time five minutes before its hold's, as a
-    // batch that began before the hold's transaction would leave them.
+    // stream's records carry a time five minutes before its hold's, which
+    // is inside the margin kept for a batch whose transaction began before
+    // the hold's.
     execute(&harness, "UPDATE processed_messages SET processed_at = now() - interval '3 hours' \
                        WHERE message_id LIKE 's-settled-c%'").await;
     execute(&harness, "UPDATE holds SET opened_at = now() - interval '2 hours' WHERE stream_id = 's-open'").await;
