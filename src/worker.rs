@@ -12,7 +12,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -109,6 +109,10 @@ const KEPT_IDLE_MAX: Duration = Duration::from_secs(30);
 /// many minutes.
 const BATCH_DATABASE_WAIT: Duration = Duration::from_secs(10);
 
+/// Maximum pause between attempts at a batch while shutdown waits for the
+/// database, so that its return is noticed soon.
+const STOPPING_RETRY_DELAY_MAX: Duration = Duration::from_millis(500);
+
 /// A failure that ends the worker.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -171,6 +175,7 @@ pub async fn run(settings: Arc<Settings>, shutdown: CancellationToken) -> Result
         shutdown,
         broker_connected,
         marks,
+        shutdown_seen: Arc::new(OnceLock::new()),
     };
     let result = worker.supervise().await;
 
@@ -234,9 +239,29 @@ struct Worker {
     marks: mpsc::Sender<ToMark>,
     /// How many more pool connections the shards may keep between batches.
     keep_permits: Arc<Semaphore>,
+    /// Instant at which a task first observed the shutdown request. The
+    /// drain starts then.
+    shutdown_seen: Arc<OnceLock<Instant>>,
 }
 
 impl Worker {
+    /// Returns the instant the drain must end:
+    /// `worker.shutdown_timeout_seconds` after shutdown was first observed,
+    /// or `None` while no shutdown is requested.
+    fn drain_deadline(&self) -> Option<Instant> {
+        if !self.shutdown.is_cancelled() {
+            return None;
+        }
+        let seen = *self.shutdown_seen.get_or_init(Instant::now);
+        Some(seen + Duration::from_secs(self.settings.worker.shutdown_timeout_seconds))
+    }
+
+    /// Returns the maximum duration of one attempt at a batch: the wait for
+    /// a pool connection, then the transaction.
+    fn attempt_max(&self) -> Duration {
+        Duration::from_secs(self.settings.database.acquire_timeout_seconds) + BATCH_DATABASE_WAIT
+    }
+
     async fn supervise(&self) -> Result<(), WorkerError> {
         let mut attempt_delay = backoff().build();
         while !self.shutdown.is_cancelled() {
@@ -310,10 +335,9 @@ impl Worker {
         self.broker_connected.store(false, Ordering::Relaxed);
         session_stop.cancel();
         let drain = Duration::from_secs(self.settings.worker.shutdown_timeout_seconds);
-        if tokio::time::timeout(drain, async { while tasks.join_next().await.is_some() {} })
-            .await
-            .is_err()
-        {
+        let until = self.drain_deadline().unwrap_or_else(|| Instant::now() + drain);
+        let finished = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout_at(until.into(), finished).await.is_err() {
             warn!(?drain, "in-flight work did not finish in time; unacknowledged messages will be redelivered");
             tasks.abort_all();
         }
@@ -578,11 +602,15 @@ impl Shard {
                 database_down = true;
             }
         }
-        let _ = self
-            .channel
-            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-            .await;
+        // What was not applied goes back when the channel closes, without a
+        // cancel first: a cancel would hand the queue to a standby at once,
+        // and the broker would send it newer messages before the returned
+        // ones (tests/redelivery_order.rs).
         if !database_down {
+            let _ = self
+                .channel
+                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                .await;
             self.drain(&mut consumer, batch_max).await?;
         }
         Ok(())
@@ -779,16 +807,19 @@ impl Shard {
     }
 
     /// Runs `attempt` until it succeeds or fails for a reason other than an
-    /// unreachable database, pausing with backoff between attempts. Returns
-    /// `None` when shutdown comes during a pause. An attempt in progress is
-    /// never cut off, so a commit is always followed by its publishing and
-    /// acknowledgement.
+    /// unreachable database, pausing with backoff between attempts. After
+    /// shutdown, attempts go on as long as one can end before the drain
+    /// does. Returns `None` when the batch is given up: the database stayed
+    /// unreachable that long, or the broker session ended. An attempt in
+    /// progress is never cut off, so a commit is always followed by its
+    /// publishing and acknowledgement.
     async fn retry_while_unreachable<T, F, Fut>(&self, mut attempt: F) -> Option<Result<T, LedgerError>>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, LedgerError>>,
     {
         let mut pauses = backoff().build();
+        let mut waiting_to_stop = false;
         loop {
             let error = match attempt().await {
                 Err(error) if error.is_retryable() => error,
@@ -796,18 +827,33 @@ impl Shard {
             };
             let pause = pauses.next().unwrap_or(RETRY_DELAY_MAX);
             metrics::counter!("stream_credits_database_errors_total").increment(1);
-            let stopped = self.stop.is_cancelled() || {
+            if !self.stop.is_cancelled() {
                 warn!(%error, ?pause, queue = %self.queue, "database unavailable, batch will be retried");
                 tokio::select! {
-                    () = tokio::time::sleep(pause) => false,
-                    () = self.stop.cancelled() => true,
+                    () = tokio::time::sleep(pause) => continue,
+                    () = self.stop.cancelled() => {}
                 }
-            };
-            if stopped {
+            }
+            let Some(pause) = self.pause_while_stopping(pause) else {
                 warn!(%error, queue = %self.queue, "stopping with the database unavailable, batch returned to the queue unapplied");
                 return None;
+            };
+            if !waiting_to_stop {
+                waiting_to_stop = true;
+                warn!(%error, queue = %self.queue, "shutdown waits for the database to apply a received batch");
             }
+            tokio::time::sleep(pause).await;
         }
+    }
+
+    /// Returns the pause before the next attempt at a batch once the session
+    /// is stopping, or `None` when no attempt should follow: the worker is
+    /// not shutting down (the broker session ended, so the batch cannot be
+    /// acknowledged), or the attempt might not end before the drain does.
+    fn pause_while_stopping(&self, pause: Duration) -> Option<Duration> {
+        let deadline = self.worker.drain_deadline()?;
+        let pause = pause.min(STOPPING_RETRY_DELAY_MAX);
+        (Instant::now() + pause + self.worker.attempt_max() <= deadline).then_some(pause)
     }
 
     async fn apply_batch(&self, items: &[Item]) -> Result<Vec<Option<Applied>>, LedgerError> {
