@@ -21,7 +21,7 @@ use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
 use lapin::Acker;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use sqlx::pool::PoolConnection;
@@ -57,9 +57,6 @@ const RELAY_INTERVAL: Duration = Duration::from_secs(5);
 /// a crash between commit and marking, or one whose confirm or marking is
 /// still coming, which consumers then receive twice with one event id.
 const RELAY_AGE_SECONDS: f64 = 10.0;
-
-/// Maximum wait for the next already-received delivery while draining.
-const DRAIN_WAIT: Duration = Duration::from_secs(2);
 
 /// Maximum wait for a connection to close. lapin 4.12 can wait forever
 /// on a close once its I/O loop has stopped.
@@ -461,8 +458,8 @@ impl<'a> InFlight<'a> {
     }
 }
 
-/// Runs a task of the session and then, unless it failed, closes its
-/// channel. lapin otherwise closes a channel in the background when its
+/// Runs a task of the session and then, unless it failed or closed the
+/// channel itself, closes its channel. lapin otherwise closes a channel in the background when its
 /// last handle is dropped, and one still closing when the connection
 /// closes is logged as a connection error.
 async fn closing_channel(
@@ -470,7 +467,7 @@ async fn closing_channel(
     task: impl Future<Output = Result<(), SessionError>>,
 ) -> Result<(), SessionError> {
     let result = task.await;
-    if result.is_ok() {
+    if result.is_ok() && channel.status().connected() {
         close_channel(&channel).await;
     }
     result
@@ -602,17 +599,13 @@ impl Shard {
                 database_down = true;
             }
         }
-        // What was not applied goes back when the channel closes, without a
-        // cancel first: a cancel would hand the queue to a standby at once,
-        // and the broker would send it newer messages before the returned
-        // ones (tests/redelivery_order.rs).
-        if !database_down {
-            let _ = self
-                .channel
-                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-                .await;
-            self.drain(&mut consumer, batch_max).await?;
-        }
+        // The deliveries not applied go back to the queue when the channel
+        // closes. It closes while the consumer still exists, because
+        // dropping an active lapin consumer sends a cancel first, and after
+        // a cancel RabbitMQ 3.10 returns them out of order, also to a
+        // standby (tests/shutdown_backlog.rs, tests/redelivery_order.rs).
+        close_channel(&self.channel).await;
+        drop(consumer);
         Ok(())
     }
 
@@ -667,38 +660,6 @@ impl Shard {
             }
         }
         Ok(true)
-    }
-
-    /// Applies the deliveries already received after the subscription was
-    /// cancelled. Returning them to the queue would be unsafe when another
-    /// process waits on the shard as standby. RabbitMQ 3.10 hands it the
-    /// queue at the cancel and sends it newer messages before the returned
-    /// ones, such as a chunk before its stream's start. A lost connection
-    /// returns deliveries in order (tests/redelivery_order.rs).
-    async fn drain(&self, consumer: &mut lapin::Consumer, batch_max: usize) -> Result<(), SessionError> {
-        let mut deliveries = Vec::new();
-        let mut received = Instant::now();
-        loop {
-            // The stream ends once the broker confirms the cancel; the
-            // timeout bounds the wait if that confirm never comes.
-            let next = tokio::time::timeout(DRAIN_WAIT, consumer.next()).await;
-            let Ok(Some(delivery)) = next else { break };
-            if deliveries.is_empty() {
-                received = Instant::now();
-            }
-            deliveries.push(delivery?);
-            if deliveries.len() == batch_max {
-                let applied = self.apply(std::mem::take(&mut deliveries), received).await?;
-                if !self.acknowledge(applied).await? {
-                    return Ok(());
-                }
-            }
-        }
-        if !deliveries.is_empty() {
-            let applied = self.apply(deliveries, received).await?;
-            self.acknowledge(applied).await?;
-        }
-        Ok(())
     }
 
     /// Applies one batch, dead-letters what it rejects and publishes its
@@ -847,8 +808,8 @@ impl Shard {
     }
 
     /// Returns the pause before the next attempt at a batch once the session
-    /// is stopping, or `None` when no attempt should follow: the worker is
-    /// not shutting down (the broker session ended, so the batch cannot be
+    /// is stopping. Returns `None` when no attempt should follow: the worker
+    /// is not shutting down (the broker session ended, so the batch cannot be
     /// acknowledged), or the attempt might not end before the drain does.
     fn pause_while_stopping(&self, pause: Duration) -> Option<Duration> {
         let deadline = self.worker.drain_deadline()?;

@@ -60,9 +60,9 @@ async fn standby_gets_returns_first_after_cut() {
     .await;
 }
 
-/// A worker that gives up a batch at shutdown closes its channel without
-/// cancelling first, so the standby gets the queue only then, and gets the
-/// returned deliveries before anything newer.
+/// A stopping worker closes its channels without cancelling first, so the
+/// standby gets the queue only then, and gets the returned deliveries
+/// before anything newer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standby_gets_returns_first_after_close() {
     returns_in_order("standby-close", 250, Standby::Waiting, |channel, _| async move {
