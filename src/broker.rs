@@ -279,7 +279,8 @@ pub async fn dead_letter(
     names: &Names,
     letter: DeadLetter<'_>,
 ) -> Result<Uuid, BrokerError> {
-    let id = Uuid::new_v4();
+    // Time-ordered, so that dead-letter commands can sort letters by it.
+    let id = Uuid::now_v7();
     let mut headers = letter.properties.headers().clone().unwrap_or_default();
     let text = |value: &str| AMQPValue::LongString(value.into());
     headers.insert(ShortString::from(HEADER_ERROR), text(letter.reason.code()));

@@ -8,9 +8,11 @@
 //! leaves a copy in both places, never in neither, and the idempotency
 //! keys make the extra copy harmless.
 //!
-//! Every command works on the letters sorted by dead-letter id, because
-//! reading by `basic.get` and returning the letters reorders the queue.
-//! The queue order therefore differs from one command to the next.
+//! Every command works on the letters in the order they were
+//! dead-lettered, so that a replay applies a user's messages in their
+//! original order. Our letters carry that time in their id, a UUID v7.
+//! Letters of the broker's delivery limit carry it in their `x-death`
+//! record, in whole seconds, and keep the queue's order within a second.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -161,8 +163,8 @@ async fn close(channel: &Channel, connection: &lapin::Connection) {
     let _ = tokio::time::timeout(bound, connection.close(200, "done".into())).await;
 }
 
-/// Reads up to [`SCAN_MAX`] letters unacknowledged and sorts them by
-/// dead-letter id.
+/// Reads up to [`SCAN_MAX`] letters unacknowledged and sorts them by the
+/// time they were dead-lettered.
 async fn fetch_all(channel: &Channel, names: &Names) -> Result<Vec<BasicGetMessage>, Failure> {
     let mut letters = Vec::new();
     while letters.len() < SCAN_MAX {
@@ -177,8 +179,33 @@ async fn fetch_all(channel: &Channel, names: &Names) -> Result<Vec<BasicGetMessa
             None => break,
         }
     }
-    letters.sort_by_cached_key(letter_id);
+    // The sort is stable, so broker letters from the same second keep the
+    // queue's order.
+    letters.sort_by_cached_key(|letter| {
+        let headers = letter.delivery.properties.headers().as_ref();
+        let ours = broker::header_text(headers, HEADER_DEAD_LETTER_ID).unwrap_or_default();
+        (dead_lettered_at(letter), ours)
+    });
     Ok(letters)
+}
+
+/// Returns when a letter was dead-lettered, in milliseconds since the Unix
+/// epoch: from the timestamp of our id, else from the broker's `x-death`
+/// record. Zero when neither has one, as for a letter with a random (v4)
+/// id.
+fn dead_lettered_at(letter: &BasicGetMessage) -> u64 {
+    let headers = letter.delivery.properties.headers().as_ref();
+    if let Some(id) = broker::header_text(headers, HEADER_DEAD_LETTER_ID) {
+        let timestamp = uuid::Uuid::parse_str(&id).ok().and_then(|id| id.get_timestamp());
+        return timestamp.map_or(0, |timestamp| {
+            let (seconds, nanos) = timestamp.to_unix();
+            seconds * 1_000 + u64::from(nanos) / 1_000_000
+        });
+    }
+    match first_death(letter).and_then(|death| death.inner().get("time")) {
+        Some(AMQPValue::Timestamp(seconds)) => seconds * 1_000,
+        _ => 0,
+    }
 }
 
 /// Returns the id that `dlq show`, `replay` and `purge` take: our header,
