@@ -1,9 +1,11 @@
 //! Dead-letter operations: list, show, replay and purge the messages in
 //! the dead-letter queue.
 //!
-//! Messages are read with `basic.get` and held unacknowledged while the
-//! command runs; those it does not remove go back to the queue when its
-//! channel closes. A replayed message is published to the events exchange
+//! Messages are read through a consumer and held unacknowledged while the
+//! command runs. Those it does not remove go back to the queue, in order,
+//! when its channel closes. On RabbitMQ 3.10, letters taken with
+//! `basic.get` come back shuffled, and so do those of a consumer cancelled
+//! first. So the consumer is dropped only after the channel is closed. A replayed message is published to the events exchange
 //! with publisher confirms before it is removed, so a crash in between
 //! leaves a copy in both places, never in neither, and the idempotency
 //! keys make the extra copy harmless.
@@ -18,10 +20,11 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use clap::{Args, Subcommand};
-use lapin::message::BasicGetMessage;
-use lapin::options::{BasicAckOptions, BasicGetOptions};
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel};
+use lapin::{BasicProperties, Channel, Consumer};
 use serde::Serialize;
 
 use crate::broker::{self, HEADER_DEAD_LETTER_ID, HEADER_DETAIL, HEADER_ERROR, HEADER_ROUTING_KEY};
@@ -31,8 +34,13 @@ use crate::settings::Settings;
 use crate::topology::{self, Names};
 
 /// Most dead letters one command reads, so a flooded queue cannot
-/// exhaust the operator's memory; run the command again for more.
-pub const SCAN_MAX: usize = 100_000;
+/// exhaust the operator's memory; run the command again for more. It is
+/// the largest prefetch AMQP allows, since every letter read stays
+/// unacknowledged.
+pub const SCAN_MAX: usize = u16::MAX as usize;
+
+/// Maximum wait for the next letter while reading the dead-letter queue.
+const LETTER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Dead-letter commands.
 #[derive(Debug, Subcommand)]
@@ -129,7 +137,7 @@ pub async fn execute(settings: Arc<Settings>, command: DlqCommand) -> Result<(),
             topology::TopologyError::Broker(_) => Failure::from(error),
             fatal => Failure::usage(fatal),
         })?;
-    let letters = fetch_all(&channel, &names).await?;
+    let (letters, consumer) = fetch_all(&channel, &names).await?;
 
     let result = match command {
         DlqCommand::List(args) => list(&letters, &args),
@@ -138,6 +146,7 @@ pub async fn execute(settings: Arc<Settings>, command: DlqCommand) -> Result<(),
         DlqCommand::Purge(args) => purge(&letters, &args).await,
     };
     close(&channel, &connection).await;
+    drop(consumer);
     result
 }
 
@@ -147,11 +156,11 @@ pub async fn peek(settings: &Settings) -> Result<Vec<DeadLetterView>, Failure> {
     let connection = broker::connect(&settings.amqp, "stream-credits report").await?;
     let channel = connection.create_channel().await?;
     let names = Names::new(&settings.topology.prefix);
-    let views = fetch_all(&channel, &names)
-        .await
-        .map(|letters| letters.iter().map(view).collect());
+    let fetched = fetch_all(&channel, &names).await;
     close(&channel, &connection).await;
-    views
+    let (letters, consumer) = fetched?;
+    drop(consumer);
+    Ok(letters.iter().map(view).collect())
 }
 
 /// Closes the channel, which returns every letter not acknowledged, and
@@ -163,38 +172,49 @@ async fn close(channel: &Channel, connection: &lapin::Connection) {
     let _ = tokio::time::timeout(bound, connection.close(200, "done".into())).await;
 }
 
-/// Reads up to [`SCAN_MAX`] letters unacknowledged and sorts them by the
-/// time they were dead-lettered.
-async fn fetch_all(channel: &Channel, names: &Names) -> Result<Vec<BasicGetMessage>, Failure> {
-    let mut letters = Vec::new();
-    while letters.len() < SCAN_MAX {
-        let message = channel
-            .basic_get(
-                names.dead.as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await?;
-        match message {
-            Some(message) => letters.push(message),
-            None => break,
+/// Reads up to [`SCAN_MAX`] of the letters in the queue unacknowledged and
+/// sorts them by the time they were dead-lettered. Returns them with their
+/// consumer, which the caller drops only after closing the channel.
+async fn fetch_all(channel: &Channel, names: &Names) -> Result<(Vec<Delivery>, Consumer), Failure> {
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let queue = channel
+        .queue_declare(names.dead.as_str().into(), passive, FieldTable::default())
+        .await?;
+    let expected = (queue.message_count() as usize).min(SCAN_MAX);
+    channel
+        .basic_qos(SCAN_MAX as u16, BasicQosOptions::default())
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            names.dead.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut letters = Vec::with_capacity(expected);
+    while letters.len() < expected {
+        match tokio::time::timeout(LETTER_WAIT, consumer.next()).await {
+            Ok(Some(delivery)) => letters.push(delivery?),
+            _ => break,
         }
     }
     // The sort is stable, so broker letters from the same second keep the
     // queue's order.
     letters.sort_by_cached_key(|letter| {
-        let headers = letter.delivery.properties.headers().as_ref();
+        let headers = letter.properties.headers().as_ref();
         let ours = broker::header_text(headers, HEADER_DEAD_LETTER_ID).unwrap_or_default();
         (dead_lettered_at(letter), ours)
     });
-    Ok(letters)
+    Ok((letters, consumer))
 }
 
 /// Returns when a letter was dead-lettered, in milliseconds since the Unix
 /// epoch: from the timestamp of our id, else from the broker's `x-death`
 /// record. Zero when neither has one, as for a letter with a random (v4)
 /// id.
-fn dead_lettered_at(letter: &BasicGetMessage) -> u64 {
-    let headers = letter.delivery.properties.headers().as_ref();
+fn dead_lettered_at(letter: &Delivery) -> u64 {
+    let headers = letter.properties.headers().as_ref();
     if let Some(id) = broker::header_text(headers, HEADER_DEAD_LETTER_ID) {
         let timestamp = uuid::Uuid::parse_str(&id).ok().and_then(|id| id.get_timestamp());
         return timestamp.map_or(0, |timestamp| {
@@ -210,15 +230,15 @@ fn dead_lettered_at(letter: &BasicGetMessage) -> u64 {
 
 /// Returns the id that `dlq show`, `replay` and `purge` take: our header,
 /// else a hash for a letter the broker dead-lettered.
-fn letter_id(letter: &BasicGetMessage) -> String {
-    let headers = letter.delivery.properties.headers().as_ref();
+fn letter_id(letter: &Delivery) -> String {
+    let headers = letter.properties.headers().as_ref();
     broker::header_text(headers, HEADER_DEAD_LETTER_ID).unwrap_or_else(|| broker_letter_id(letter))
 }
 
-fn view(letter: &BasicGetMessage) -> DeadLetterView {
-    let headers = letter.delivery.properties.headers().as_ref();
+fn view(letter: &Delivery) -> DeadLetterView {
+    let headers = letter.properties.headers().as_ref();
     let ours = broker::header_text(headers, HEADER_ERROR);
-    let body: Option<serde_json::Value> = serde_json::from_slice(&letter.delivery.data).ok();
+    let body: Option<serde_json::Value> = serde_json::from_slice(&letter.data).ok();
     let text = |key: &str| {
         body.as_ref()
             .and_then(|body| body.get(key))
@@ -235,27 +255,27 @@ fn view(letter: &BasicGetMessage) -> DeadLetterView {
         routing_key: original_routing_key(letter),
         message_type: text("type"),
         message_id: text("message_id"),
-        bytes: letter.delivery.data.len(),
+        bytes: letter.data.len(),
     }
 }
 
 /// Id of a letter the broker dead-lettered, which has no header of ours:
 /// a hash of its body and first death time, stable across listings.
-fn broker_letter_id(letter: &BasicGetMessage) -> String {
+fn broker_letter_id(letter: &Delivery) -> String {
     // FNV-1a, 64 bits: stable across Rust versions, unlike std's hasher.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let death_time = first_death(letter)
         .and_then(|death| death.inner().get("time").map(|time| format!("{time:?}")))
         .unwrap_or_default();
-    for byte in letter.delivery.data.iter().chain(death_time.as_bytes()) {
+    for byte in letter.data.iter().chain(death_time.as_bytes()) {
         hash ^= u64::from(*byte);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
     format!("broker-{hash:016x}")
 }
 
-fn first_death(letter: &BasicGetMessage) -> Option<&FieldTable> {
-    let headers = letter.delivery.properties.headers().as_ref()?;
+fn first_death(letter: &Delivery) -> Option<&FieldTable> {
+    let headers = letter.properties.headers().as_ref()?;
     match headers.inner().get("x-death")? {
         AMQPValue::FieldArray(deaths) => match deaths.as_slice().first()? {
             AMQPValue::FieldTable(death) => Some(death),
@@ -267,8 +287,8 @@ fn first_death(letter: &BasicGetMessage) -> Option<&FieldTable> {
 
 /// Returns the routing key the message was first published with: from our
 /// header, else from the broker's `x-death` record.
-fn original_routing_key(letter: &BasicGetMessage) -> String {
-    let headers = letter.delivery.properties.headers().as_ref();
+fn original_routing_key(letter: &Delivery) -> String {
+    let headers = letter.properties.headers().as_ref();
     if let Some(key) = broker::header_text(headers, HEADER_ROUTING_KEY) {
         return key;
     }
@@ -282,10 +302,10 @@ fn original_routing_key(letter: &BasicGetMessage) -> String {
             },
             _ => None,
         });
-    from_death.unwrap_or_else(|| letter.delivery.routing_key.as_str().to_owned())
+    from_death.unwrap_or_else(|| letter.routing_key.as_str().to_owned())
 }
 
-fn list(letters: &[BasicGetMessage], args: &ListArgs) -> Result<(), Failure> {
+fn list(letters: &[Delivery], args: &ListArgs) -> Result<(), Failure> {
     let views: Vec<DeadLetterView> = letters.iter().take(args.limit).map(view).collect();
     if args.json {
         println!(
@@ -321,16 +341,16 @@ fn list(letters: &[BasicGetMessage], args: &ListArgs) -> Result<(), Failure> {
 /// Prints the summary `dlq list` prints, then the letter as it is stored:
 /// the AMQP properties it carries, every header and the body. Nothing is
 /// added to the properties or headers.
-fn show(letters: &[BasicGetMessage], id: &str) -> Result<(), Failure> {
+fn show(letters: &[Delivery], id: &str) -> Result<(), Failure> {
     let letter = letters
         .iter()
         .find(|letter| letter_id(letter) == id)
         .ok_or_else(|| not_found(&[id.to_owned()]))?;
-    let properties = &letter.delivery.properties;
-    let body = match serde_json::from_slice::<serde_json::Value>(&letter.delivery.data) {
+    let properties = &letter.properties;
+    let body = match serde_json::from_slice::<serde_json::Value>(&letter.data) {
         Ok(json) => json,
         Err(_) => {
-            serde_json::Value::String(String::from_utf8_lossy(&letter.delivery.data).into_owned())
+            serde_json::Value::String(String::from_utf8_lossy(&letter.data).into_owned())
         }
     };
     let headers = properties
@@ -426,7 +446,7 @@ fn field_json(value: &AMQPValue) -> serde_json::Value {
 
 /// Fails naming the ids in `ids` that no letter has, once each, in the
 /// order given. Replay and purge call it after acting on the ids found.
-fn require_found(letters: &[BasicGetMessage], ids: &[String]) -> Result<(), Failure> {
+fn require_found(letters: &[Delivery], ids: &[String]) -> Result<(), Failure> {
     let found: HashSet<String> = letters.iter().map(letter_id).collect();
     let mut reported = HashSet::new();
     let missing: Vec<String> = ids
@@ -466,11 +486,11 @@ fn count_letters(count: usize) -> String {
 }
 
 fn selected<'a>(
-    letters: &'a [BasicGetMessage],
+    letters: &'a [Delivery],
     all: bool,
     ids: &[String],
     reason: Option<&str>,
-) -> Vec<&'a BasicGetMessage> {
+) -> Vec<&'a Delivery> {
     letters
         .iter()
         .filter(|letter| {
@@ -483,7 +503,7 @@ fn selected<'a>(
 async fn replay(
     channel: &Channel,
     names: &Names,
-    letters: &[BasicGetMessage],
+    letters: &[Delivery],
     args: &ReplayArgs,
 ) -> Result<(), Failure> {
     let selection = &args.selection;
@@ -509,17 +529,16 @@ async fn replay(
             );
             continue;
         }
-        let properties = without_our_headers(&letter.delivery.properties);
+        let properties = without_our_headers(&letter.properties);
         broker::publish_confirmed(
             channel,
             &names.events,
             &item.routing_key,
-            &letter.delivery.data,
+            &letter.data,
             properties,
         )
         .await?;
         letter
-            .delivery
             .acker
             .ack(BasicAckOptions::default())
             .await?;
@@ -561,7 +580,7 @@ fn without_our_headers(properties: &BasicProperties) -> BasicProperties {
     properties.clone().with_headers(kept)
 }
 
-async fn purge(letters: &[BasicGetMessage], args: &PurgeArgs) -> Result<(), Failure> {
+async fn purge(letters: &[Delivery], args: &PurgeArgs) -> Result<(), Failure> {
     if !args.all && args.id.is_empty() {
         return Err(Failure::usage(anyhow::anyhow!(
             "name what to purge: --all or --id ID"
@@ -576,7 +595,6 @@ async fn purge(letters: &[BasicGetMessage], args: &PurgeArgs) -> Result<(), Fail
     }
     for letter in &chosen {
         letter
-            .delivery
             .acker
             .ack(BasicAckOptions::default())
             .await?;

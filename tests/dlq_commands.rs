@@ -8,9 +8,7 @@
 
 mod common;
 
-use common::{DeadLetter, Harness, Outbound, ROUND_MODEL, chunk, end, start};
-use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldArray, FieldTable};
+use common::{Harness, Outbound, ROUND_MODEL, broker_dead_letter, chunk, end, start};
 use serde_json::Value;
 use stream_credits::messages::EndStatus;
 
@@ -291,45 +289,6 @@ async fn show(harness: &Harness, id: &str) -> Value {
     serde_json::from_str(&stdout).expect("dlq show prints JSON")
 }
 
-/// Builds a letter as RabbitMQ dead-letters it after the delivery limit:
-/// its own properties and the broker's `x-death` headers, none of ours.
-fn broker_dead_letter() -> DeadLetter {
-    let mut death = FieldTable::default();
-    death.insert("count".into(), AMQPValue::LongLongInt(3));
-    death.insert(
-        "reason".into(),
-        AMQPValue::LongString("delivery_limit".into()),
-    );
-    death.insert("queue".into(), AMQPValue::LongString("some.shard".into()));
-    death.insert("time".into(), AMQPValue::Timestamp(1_700_000_000));
-    let keys = FieldArray::from(vec![AMQPValue::LongString(USER.into())]);
-    death.insert("routing-keys".into(), AMQPValue::FieldArray(keys));
-
-    let mut headers = FieldTable::default();
-    let deaths = FieldArray::from(vec![AMQPValue::FieldTable(death)]);
-    headers.insert("x-death".into(), AMQPValue::FieldArray(deaths));
-    headers.insert(
-        "x-first-death-reason".into(),
-        AMQPValue::LongString("delivery_limit".into()),
-    );
-
-    let properties = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_delivery_mode(2)
-        .with_message_id("m-broker".into())
-        .with_type("chunk.emitted".into())
-        .with_headers(headers);
-    DeadLetter {
-        body: br#"{"type": "chunk.emitted"}"#.to_vec(),
-        message_id: Some("m-broker".to_owned()),
-        error: None,
-        detail: None,
-        routing_key: Some(USER.to_owned()),
-        dead_letter_id: None,
-        properties,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dlq_show_prints_headers() {
     let harness = Harness::start("dlqshow", |_| {}).await;
@@ -345,7 +304,7 @@ async fn dlq_show_prints_headers() {
     assert_eq!(reply["reason"], "invalid_request", "{reply}");
     harness.wait_dead_letter_count(1).await;
     harness
-        .publish_dead_letter_copy(&broker_dead_letter())
+        .publish_dead_letter_copy(&broker_dead_letter(USER, "m-broker", br#"{"type": "chunk.emitted"}"#))
         .await;
     harness.wait_dead_letter_count(2).await;
 

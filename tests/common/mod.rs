@@ -20,7 +20,7 @@ use lapin::options::{
     BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
     ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldArray, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use serde_json::Value;
 use sqlx::{Connection as _, PgConnection, PgPool};
@@ -187,6 +187,46 @@ impl DeadLetter {
             dead_letter_id: broker::header_text(headers, HEADER_DEAD_LETTER_ID),
             properties: properties.clone(),
         }
+    }
+}
+
+/// Builds a letter as RabbitMQ dead-letters it after the delivery limit:
+/// the message's own properties and the broker's `x-death` headers, dated
+/// 2023-11-14 22:13:20 UTC, and none of ours.
+pub fn broker_dead_letter(routing_key: &str, message_id: &str, body: &[u8]) -> DeadLetter {
+    let mut death = FieldTable::default();
+    death.insert("count".into(), AMQPValue::LongLongInt(3));
+    death.insert(
+        "reason".into(),
+        AMQPValue::LongString("delivery_limit".into()),
+    );
+    death.insert("queue".into(), AMQPValue::LongString("some.shard".into()));
+    death.insert("time".into(), AMQPValue::Timestamp(1_700_000_000));
+    let keys = FieldArray::from(vec![AMQPValue::LongString(routing_key.into())]);
+    death.insert("routing-keys".into(), AMQPValue::FieldArray(keys));
+
+    let mut headers = FieldTable::default();
+    let deaths = FieldArray::from(vec![AMQPValue::FieldTable(death)]);
+    headers.insert("x-death".into(), AMQPValue::FieldArray(deaths));
+    headers.insert(
+        "x-first-death-reason".into(),
+        AMQPValue::LongString("delivery_limit".into()),
+    );
+
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_message_id(message_id.into())
+        .with_type("chunk.emitted".into())
+        .with_headers(headers);
+    DeadLetter {
+        body: body.to_vec(),
+        message_id: Some(message_id.to_owned()),
+        error: None,
+        detail: None,
+        routing_key: Some(routing_key.to_owned()),
+        dead_letter_id: None,
+        properties,
     }
 }
 
