@@ -31,7 +31,7 @@ pub enum LedgerError {
     /// The database is unreachable, overloaded, or a transaction lost a
     /// race (deadlock, serialization failure, concurrent claim of the
     /// same message). Retry the whole transaction.
-    #[error("database unavailable: {0}")]
+    #[error("database unavailable or transaction in conflict: {0}")]
     Retryable(#[source] sqlx::Error),
     /// Any other database error. Retrying the same message will fail the
     /// same way; the broker's delivery limit bounds the attempts.

@@ -789,7 +789,7 @@ impl Shard {
             let pause = pauses.next().unwrap_or(RETRY_DELAY_MAX);
             metrics::counter!("stream_credits_database_errors_total").increment(1);
             if !self.stop.is_cancelled() {
-                warn!(%error, ?pause, queue = %self.queue, "database unavailable, batch will be retried");
+                warn!(%error, ?pause, queue = %self.queue, "database unavailable or transaction in conflict, batch will be retried");
                 tokio::select! {
                     () = tokio::time::sleep(pause) => continue,
                     () = self.stop.cancelled() => {}
