@@ -5,10 +5,12 @@
 //! command runs. Those it does not remove go back to the queue, in order,
 //! when its channel closes. On RabbitMQ 3.10, letters taken with
 //! `basic.get` come back shuffled, and so do those of a consumer cancelled
-//! first. So the consumer is dropped only after the channel is closed. A replayed message is published to the events exchange
-//! with publisher confirms before it is removed, so a crash in between
-//! leaves a copy in both places, never in neither, and the idempotency
-//! keys make the extra copy harmless.
+//! first, so the consumer is dropped only after the channel is closed.
+//!
+//! A replayed message is published to the events exchange with publisher
+//! confirms before it is removed, so a crash in between leaves a copy in
+//! both places, never in neither, and the idempotency keys make the extra
+//! copy harmless.
 //!
 //! Every command works on the letters in the order they were
 //! dead-lettered, so that a replay applies a user's messages in their

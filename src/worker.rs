@@ -459,9 +459,9 @@ impl<'a> InFlight<'a> {
 }
 
 /// Runs a task of the session and then, unless it failed or closed the
-/// channel itself, closes its channel. lapin otherwise closes a channel in the background when its
-/// last handle is dropped, and one still closing when the connection
-/// closes is logged as a connection error.
+/// channel itself, closes its channel. lapin otherwise closes a channel in
+/// the background when its last handle is dropped, and one still closing
+/// when the connection closes is logged as a connection error.
 async fn closing_channel(
     channel: Channel,
     task: impl Future<Output = Result<(), SessionError>>,

@@ -38,21 +38,25 @@ fn stream(user_index: usize, stream_index: usize) -> String {
     format!("s-backlog-{user_index}-{stream_index}")
 }
 
+/// Returns the (user, stream) index pairs of every stream.
+fn streams() -> impl Iterator<Item = (usize, usize)> {
+    (0..USERS).flat_map(|u| (0..STREAMS_PER_USER).map(move |s| (u, s)))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_backlog_keeps_order() {
     let mut harness = Harness::start("backlog", |_| {}).await;
     for index in 0..USERS {
         harness.fund(&user(index), &format!("g-{index}"), FUNDS).await;
     }
-    let starts: Vec<Outbound> = (0..USERS)
-        .flat_map(|u| (0..STREAMS_PER_USER).map(move |s| (u, s)))
+    let starts: Vec<Outbound> = streams()
         .map(|(u, s)| {
             let body = start(&user(u), &stream(u, s), &format!("m-start-{u}-{s}"), ROUND_MODEL, 10, 50);
             Outbound::request(&body, &format!("c-start-{u}-{s}"))
         })
         .collect();
     harness.publish_all(&starts).await;
-    for (u, s) in (0..USERS).flat_map(|u| (0..STREAMS_PER_USER).map(move |s| (u, s))) {
+    for (u, s) in streams() {
         let reply = harness.reply(&format!("c-start-{u}-{s}")).await;
         assert!(reply["reserved"].is_i64(), "start {u}-{s} was not granted: {reply}");
     }
@@ -61,7 +65,7 @@ async fn sigterm_with_backlog_keeps_order() {
     // consumes, more than the prefetch on each shard.
     harness.stop_worker().await;
     let mut backlog = Vec::new();
-    for (u, s) in (0..USERS).flat_map(|u| (0..STREAMS_PER_USER).map(move |s| (u, s))) {
+    for (u, s) in streams() {
         for seq in 0..CHUNKS_PER_STREAM {
             backlog.push(Outbound::json(&chunk(&user(u), &stream(u, s), seq, "delta", Some(1))));
         }
@@ -84,7 +88,7 @@ async fn sigterm_with_backlog_keeps_order() {
     }
     harness.restart_worker().await;
 
-    for (u, s) in (0..USERS).flat_map(|u| (0..STREAMS_PER_USER).map(move |s| (u, s))) {
+    for (u, s) in streams() {
         let settled = harness
             .event_within("reservation.settled", &stream(u, s), SETTLE_WAIT)
             .await;

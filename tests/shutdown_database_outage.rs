@@ -209,12 +209,14 @@ async fn shutdown_returns_batch_before_newer_messages() {
         "the worker took {stopped_after:?} to stop"
     );
 
-    let mut idle_since = (received.lock().unwrap().len(), Instant::now());
-    while idle_since.1.elapsed() < STANDBY_IDLE {
+    let mut last_count = received.lock().unwrap().len();
+    let mut last_change = Instant::now();
+    while last_change.elapsed() < STANDBY_IDLE {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let count = received.lock().unwrap().len();
-        if count != idle_since.0 {
-            idle_since = (count, Instant::now());
+        if count != last_count {
+            last_count = count;
+            last_change = Instant::now();
         }
     }
     let expected: Vec<String> = pending
