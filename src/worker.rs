@@ -599,6 +599,11 @@ impl Shard {
                 database_down = true;
             }
         }
+        // Closing the channel would fail the confirms still coming and leave
+        // the last batches' outbox rows to the relay, which sends them again.
+        if self.channel.status().connected() {
+            let _ = tokio::time::timeout(CLOSE_WAIT, self.channel.wait_for_confirms()).await;
+        }
         // The deliveries not applied go back to the queue when the channel
         // closes. It closes while the consumer still exists, because
         // dropping an active lapin consumer sends a cancel first, and after
@@ -808,11 +813,16 @@ impl Shard {
     }
 
     /// Returns the pause before the next attempt at a batch once the session
-    /// is stopping. Returns `None` when no attempt should follow: the worker
-    /// is not shutting down (the broker session ended, so the batch cannot be
-    /// acknowledged), or the attempt might not end before the drain does.
+    /// is stopping. Returns `None` when no attempt should follow: when the
+    /// worker is not shutting down (the broker session ended) or the shard's
+    /// channel is closed, because the batch can no longer be acknowledged and
+    /// the broker has returned it, and when the attempt might not end before
+    /// the drain does.
     fn pause_while_stopping(&self, pause: Duration) -> Option<Duration> {
         let deadline = self.worker.drain_deadline()?;
+        if !self.channel.status().connected() {
+            return None;
+        }
         let pause = pause.min(STOPPING_RETRY_DELAY_MAX);
         (Instant::now() + pause + self.worker.attempt_max() <= deadline).then_some(pause)
     }

@@ -2,10 +2,13 @@
 //! batches it received for as long as an attempt can still end within its
 //! shutdown timeout, so a database that comes back in that time gets them
 //! applied and acknowledged before the worker stops. A batch it gives up
-//! goes back to the queue ahead of anything newer, also to a standby.
+//! goes back to the queue ahead of anything newer, also to a standby. A
+//! broker connection that ends meanwhile ends the attempts, since the batch
+//! can no longer be acknowledged.
 //!
-//! The worker reaches PostgreSQL through a loopback TCP proxy that the test
-//! cuts and restores; the harness reads the database directly.
+//! The worker reaches PostgreSQL, and in one case RabbitMQ, through
+//! loopback TCP proxies that the test cuts and restores; the harness
+//! reaches both directly.
 
 mod common;
 
@@ -51,12 +54,34 @@ const STANDBY_IDLE: Duration = Duration::from_secs(2);
 /// Messages published while the worker stops, after those it holds.
 const NEWER_MESSAGES: u64 = 100;
 
+/// Time between the shutdown request and the end of the broker connection.
+const BROKER_LOST_AFTER: Duration = Duration::from_secs(1);
+
+/// Maximum time to stop once the broker connection ends: the closes of the
+/// channels and of the connection, each bounded by 5 s, with a margin.
+const STOP_AFTER_BROKER_LOST_MAX: Duration = Duration::from_secs(12);
+
 /// Starts a worker that reaches the database through `proxy`.
 async fn start_worker(test_name: &str, proxy: &TcpProxy, shutdown_timeout_seconds: u64) -> Harness {
-    let address = proxy.address().to_string();
+    start_worker_through(test_name, proxy, None, shutdown_timeout_seconds).await
+}
+
+/// Starts a worker that reaches the database through `database`, and the
+/// broker through `broker` when given.
+async fn start_worker_through(
+    test_name: &str,
+    database: &TcpProxy,
+    broker: Option<&TcpProxy>,
+    shutdown_timeout_seconds: u64,
+) -> Harness {
+    let address = database.address().to_string();
+    let broker_url = broker.map(|proxy| format!("amqp://guest:guest@{}/%2f", proxy.address()));
     Harness::start(test_name, move |settings: &mut Settings| {
         let url = settings.database.url.expose().replacen("127.0.0.1:5432", &address, 1);
         settings.database.url = SecretUrl::new(url);
+        if let Some(url) = broker_url {
+            settings.amqp.url = SecretUrl::new(url);
+        }
         settings.database.acquire_timeout_seconds = ACQUIRE_TIMEOUT_SECONDS;
         settings.worker.shutdown_timeout_seconds = shutdown_timeout_seconds;
     })
@@ -132,6 +157,47 @@ async fn shutdown_waits_for_returning_database() {
         0,
         "the stopped worker returned messages to the queue"
     );
+    harness.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_retries_on_broker_loss() {
+    let database = TcpProxy::start("127.0.0.1:5432").await;
+    let broker = TcpProxy::start("127.0.0.1:5672").await;
+    // Attempts may start for 30 - 11 = 19 s after the shutdown request.
+    let mut harness = start_worker_through("stop_broker_lost", &database, Some(&broker), 30).await;
+    cut_with_a_batch_pending(&harness, &database).await;
+
+    let stop = async {
+        harness.stop_worker().await;
+        Instant::now()
+    };
+    let cut_broker = async {
+        tokio::time::sleep(BROKER_LOST_AFTER).await;
+        broker.cut();
+        Instant::now()
+    };
+    let (stopped, broker_lost) = tokio::join!(stop, cut_broker);
+    assert!(
+        stopped > broker_lost,
+        "the worker stopped before the broker connection ended"
+    );
+    let stopping = stopped - broker_lost;
+    assert!(
+        stopping < STOP_AFTER_BROKER_LOST_MAX,
+        "the worker kept retrying for {stopping:?} after its broker connection ended"
+    );
+    assert_eq!(
+        harness.account(USER).await.reserved,
+        RESERVED,
+        "the worker applied part of the batch it gave up"
+    );
+    assert_eq!(
+        ready_messages(&harness).await,
+        3,
+        "the broker did not hold the batch for the next worker"
+    );
+    database.restore();
     harness.finish().await;
 }
 
