@@ -50,19 +50,6 @@ async fn list(harness: &Harness) -> Vec<Value> {
     serde_json::from_str(&stdout).expect("dlq list --json prints a JSON array")
 }
 
-/// Reads the stream's counted completion tokens and chunk count.
-async fn counted(harness: &Harness) -> (i64, i64) {
-    sqlx::query_as(
-        "SELECT counted_completion_tokens, chunks FROM holds \
-         WHERE user_id = $1 AND stream_id = $2",
-    )
-    .bind(USER)
-    .bind(STREAM)
-    .fetch_one(&harness.pool)
-    .await
-    .expect("read the hold")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dlq_commands_work() {
     let harness = Harness::start("dlqcli", |_| {}).await;
@@ -138,7 +125,7 @@ async fn dlq_commands_work() {
         .await;
     assert_eq!(reply["type"], "reservation.granted", "{reply}");
     assert_eq!(reply["reserved"], RESERVED, "{reply}");
-    assert_eq!(counted(&harness).await, (0, 0), "counted before any replay");
+    assert_eq!(harness.hold_counts(USER, STREAM).await, (0, 0), "counted before any replay");
 
     // replay --dry-run: names both letters and changes nothing.
     let stdout = run_ok(&harness, &["dlq", "replay", "--all", "--dry-run"]).await;
@@ -146,7 +133,7 @@ async fn dlq_commands_work() {
     assert_eq!(stdout.lines().count(), 2, "dry-run output: {stdout}");
     harness.barrier(USER).await;
     harness.wait_dead_letter_count(2).await;
-    assert_eq!(counted(&harness).await, (0, 0), "counted after a dry run");
+    assert_eq!(harness.hold_counts(USER, STREAM).await, (0, 0), "counted after a dry run");
 
     // A copy of the letter, as a replay that published but did not remove
     // it would leave behind.
@@ -163,7 +150,7 @@ async fn dlq_commands_work() {
     assert!(stdout.contains(&unknown_id), "replay output: {stdout}");
     harness.barrier(USER).await;
     assert_eq!(
-        counted(&harness).await,
+        harness.hold_counts(USER, STREAM).await,
         (CHUNK_TOKENS as i64, 1),
         "counted after the replay"
     );
@@ -178,7 +165,7 @@ async fn dlq_commands_work() {
     run_ok(&harness, &["dlq", "replay", "--id", &unknown_id]).await;
     harness.barrier(USER).await;
     assert_eq!(
-        counted(&harness).await,
+        harness.hold_counts(USER, STREAM).await,
         (CHUNK_TOKENS as i64, 1),
         "counted after replaying the same letter again"
     );

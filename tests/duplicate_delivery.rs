@@ -22,18 +22,6 @@ const COMPLETION_TOKENS: u64 = 18;
 /// 10 prompt tokens at 1 credit plus 18 completion tokens at 2 credits.
 const COST: i64 = 46;
 
-/// Reads the completion tokens the worker counted for the stream.
-async fn counted_tokens(harness: &Harness) -> i64 {
-    sqlx::query_scalar(
-        "SELECT counted_completion_tokens FROM holds WHERE user_id = $1 AND stream_id = $2",
-    )
-    .bind(USER)
-    .bind(STREAM)
-    .fetch_one(&harness.pool)
-    .await
-    .expect("read the hold")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicates_apply_once() {
     let harness = Harness::start("twice", |_| {}).await;
@@ -105,7 +93,7 @@ async fn duplicates_apply_once() {
         "charge ledger rows"
     );
 
-    let counted = counted_tokens(&harness).await;
+    let counted = harness.hold_counts(USER, STREAM).await.0;
     assert_eq!(counted, COMPLETION_TOKENS as i64);
 
     // A chunk after settlement is dropped: not counted, not dead-lettered.
@@ -117,7 +105,7 @@ async fn duplicates_apply_once() {
     let letters = harness.take_dead_letters().await;
     assert!(letters.is_empty(), "dead letters: {letters:?}");
 
-    let counted = counted_tokens(&harness).await;
+    let counted = harness.hold_counts(USER, STREAM).await.0;
     assert_eq!(
         counted, COMPLETION_TOKENS as i64,
         "counted tokens after a late chunk"

@@ -60,19 +60,6 @@ async fn processed_rows(harness: &Harness, message_id: &str) -> i64 {
     .expect("count processed messages")
 }
 
-/// Reads the stream's counted completion tokens and chunk count.
-async fn counted(harness: &Harness) -> (i64, i64) {
-    sqlx::query_as(
-        "SELECT counted_completion_tokens, chunks FROM holds \
-         WHERE user_id = $1 AND stream_id = $2",
-    )
-    .bind(USER)
-    .bind(STREAM)
-    .fetch_one(&harness.pool)
-    .await
-    .expect("read the hold")
-}
-
 /// Counts the user's holds.
 async fn hold_count(harness: &Harness) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM holds WHERE user_id = $1")
@@ -176,7 +163,7 @@ async fn redelivery_applies_once() {
     }
     harness.barrier(USER).await;
     assert_eq!(
-        counted(&harness).await,
+        harness.hold_counts(USER, STREAM).await,
         (COMPLETION_TOKENS, CHUNK_TOKENS.len() as i64),
         "counted completion tokens and chunks after redelivered chunks"
     );

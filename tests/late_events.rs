@@ -44,19 +44,6 @@ const FINAL_BALANCE: i64 = BALANCE - ABOVE_CHARGE - BELOW_CHARGE;
 const CHUNKS_DROPPED: &str = r#"stream_credits_dropped_total{reason="chunk_after_settlement"}"#;
 const ENDS_DROPPED: &str = r#"stream_credits_dropped_total{reason="end_after_settlement"}"#;
 
-/// Reads a stream's counted completion tokens and chunk count.
-async fn counted(harness: &Harness, stream: &str) -> (i64, i64) {
-    sqlx::query_as(
-        "SELECT counted_completion_tokens, chunks FROM holds \
-         WHERE user_id = $1 AND stream_id = $2",
-    )
-    .bind(USER)
-    .bind(stream)
-    .fetch_one(&harness.pool)
-    .await
-    .expect("read the hold")
-}
-
 /// Reads the amounts of a stream's adjustment entries.
 async fn adjustments(harness: &Harness, stream: &str) -> Vec<i64> {
     sqlx::query_scalar(
@@ -135,7 +122,7 @@ async fn late_events_adjust_or_drop() {
     harness.barrier(USER).await;
     for stream in [ABOVE, BELOW] {
         assert_eq!(
-            counted(&harness, stream).await,
+            harness.hold_counts(USER, stream).await,
             (12, 3),
             "{stream}: counted tokens and chunks after a late chunk"
         );
@@ -227,7 +214,7 @@ async fn late_events_adjust_or_drop() {
     );
     for stream in [ABOVE, BELOW] {
         assert_eq!(
-            counted(&harness, stream).await,
+            harness.hold_counts(USER, stream).await,
             (12, 3),
             "{stream}: counted tokens and chunks after the adjustment"
         );

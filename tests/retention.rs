@@ -47,14 +47,6 @@ async fn execute(harness: &Harness, statement: &'static str) {
         .unwrap_or_else(|error| panic!("{statement}: {error}"));
 }
 
-async fn hold_counts(harness: &Harness, stream: &str) -> (i64, i64) {
-    sqlx::query_as("SELECT counted_completion_tokens, chunks FROM holds WHERE stream_id = $1")
-        .bind(stream)
-        .fetch_one(&harness.pool)
-        .await
-        .expect("read a hold's counts")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_deletes_only_what_no_copy_needs() {
     let mut harness = Harness::start("retention", |settings| {
@@ -106,9 +98,9 @@ async fn retention_deletes_only_what_no_copy_needs() {
     harness.publish(&chunk(USER, OPEN, 1, "word", Some(1))).await;
     harness.publish(&chunk(USER, OPEN, OPEN_CHUNKS, "word", Some(1))).await;
     harness.barrier(USER).await;
-    assert_eq!(hold_counts(&harness, SETTLED).await, (SETTLED_CHUNKS as i64, SETTLED_CHUNKS as i64));
+    assert_eq!(harness.hold_counts(USER, SETTLED).await, (SETTLED_CHUNKS as i64, SETTLED_CHUNKS as i64));
     assert_eq!(
-        hold_counts(&harness, OPEN).await,
+        harness.hold_counts(USER, OPEN).await,
         (OPEN_CHUNKS as i64 + 1, OPEN_CHUNKS as i64 + 1),
         "the copy of the open stream's chunk was counted, or the new chunk was not"
     );

@@ -879,6 +879,20 @@ impl Harness {
             .unwrap_or_else(|| panic!("account {user_id} not found"))
     }
 
+    /// Reads a stream's counted completion tokens and chunk count from its
+    /// hold, and panics when the stream has none.
+    pub async fn hold_counts(&self, user_id: &str, stream_id: &str) -> (i64, i64) {
+        sqlx::query_as(
+            "SELECT counted_completion_tokens, chunks FROM holds \
+             WHERE user_id = $1 AND stream_id = $2",
+        )
+        .bind(user_id)
+        .bind(stream_id)
+        .fetch_one(&self.pool)
+        .await
+        .expect("read the hold's counts")
+    }
+
     /// Counts this user's ledger entries of `kind` (`grant`, `charge` or
     /// `adjustment`).
     pub async fn ledger_rows(&self, user_id: &str, kind: &str) -> i64 {
