@@ -340,6 +340,18 @@ impl Worker {
         }
         // Rows whose confirms are still coming are marked before the
         // connection closes, so that the relay does not send them again.
+        self.flush_marks().await;
+        close_channel(&setup).await;
+        // lapin's close can wait forever once its I/O loop has stopped, so
+        // it is bounded; the broker drops the socket's channels either way.
+        let close = connection.close(200, "worker stopping".into());
+        let _ = tokio::time::timeout(CLOSE_WAIT, close).await;
+        result
+    }
+
+    /// Waits, at most `CLOSE_WAIT`, until the marker has marked every
+    /// outbox row sent so far or left it to the relay.
+    async fn flush_marks(&self) {
         let (answer, flushed) = oneshot::channel();
         let flush = async {
             if self.marks.send(ToMark::Flush(answer)).await.is_ok() {
@@ -347,12 +359,6 @@ impl Worker {
             }
         };
         let _ = tokio::time::timeout(CLOSE_WAIT, flush).await;
-        close_channel(&setup).await;
-        // lapin's close can wait forever once its I/O loop has stopped, so
-        // it is bounded; the broker drops the socket's channels either way.
-        let close = connection.close(200, "worker stopping".into());
-        let _ = tokio::time::timeout(CLOSE_WAIT, close).await;
-        result
     }
 
     async fn wait(
@@ -601,8 +607,11 @@ impl Shard {
         }
         // Closing the channel would fail the confirms still coming and leave
         // the last batches' outbox rows to the relay, which sends them again.
+        // The marker waits for every confirm. lapin's `wait_for_confirms`
+        // waits for the last publish only, and RabbitMQ does not promise to
+        // confirm in publishing order: stops that used it still lost some.
         if self.channel.status().connected() {
-            let _ = tokio::time::timeout(CLOSE_WAIT, self.channel.wait_for_confirms()).await;
+            self.worker.flush_marks().await;
         }
         // The deliveries not applied go back to the queue when the channel
         // closes. It closes while the consumer still exists, because
@@ -813,11 +822,10 @@ impl Shard {
     }
 
     /// Returns the pause before the next attempt at a batch once the session
-    /// is stopping. Returns `None` when no attempt should follow: when the
-    /// worker is not shutting down (the broker session ended) or the shard's
-    /// channel is closed, because the batch can no longer be acknowledged and
-    /// the broker has returned it, and when the attempt might not end before
-    /// the drain does.
+    /// is stopping. Returns `None` when no attempt should follow. That is
+    /// the case when the worker is not shutting down (the broker session
+    /// ended) or the shard's channel is closed, because the broker has taken
+    /// the batch back, and when the attempt might not end before the drain.
     fn pause_while_stopping(&self, pause: Duration) -> Option<Duration> {
         let deadline = self.worker.drain_deadline()?;
         if !self.channel.status().connected() {

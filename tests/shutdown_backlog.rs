@@ -2,6 +2,7 @@
 //! A stopping worker acknowledges what it applied and returns the rest to
 //! the queue in publishing order, so the next worker applies every chunk
 //! before its stream's end and each stream is charged its exact usage.
+//! Each stop also waits for the broker to confirm the events it sent.
 
 mod common;
 
@@ -11,7 +12,12 @@ use common::{Harness, Outbound, ROUND_MODEL, chunk, end, start};
 use stream_credits::messages::EndStatus;
 
 const USERS: usize = 80;
-const STREAMS_PER_USER: usize = 3;
+const STREAMS_PER_USER: usize = 4;
+
+/// Streams of each user started before the backlog. The others start in
+/// the backlog, so that stops come while grants, which the broker confirms
+/// on reply queues, and settlement events are being sent together.
+const STARTED_BEFORE: usize = 3;
 const CHUNKS_PER_STREAM: u64 = 10;
 
 /// Round-price usage of a stream: 10 prompt tokens + 2 * 10 counted tokens.
@@ -43,6 +49,17 @@ fn streams() -> impl Iterator<Item = (usize, usize)> {
     (0..USERS).flat_map(|u| (0..STREAMS_PER_USER).map(move |s| (u, s)))
 }
 
+/// Builds the start of stream `s` of user `u`, which requests a reply.
+fn start_request(u: usize, s: usize) -> Outbound {
+    let body = start(&user(u), &stream(u, s), &format!("m-start-{u}-{s}"), ROUND_MODEL, 10, 50);
+    Outbound::request(&body, &format!("c-start-{u}-{s}"))
+}
+
+async fn assert_granted(harness: &Harness, u: usize, s: usize) {
+    let reply = harness.reply(&format!("c-start-{u}-{s}")).await;
+    assert!(reply["reserved"].is_i64(), "start {u}-{s} was not granted: {reply}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_backlog_keeps_order() {
     let mut harness = Harness::start("backlog", |_| {}).await;
@@ -50,15 +67,12 @@ async fn sigterm_with_backlog_keeps_order() {
         harness.fund(&user(index), &format!("g-{index}"), FUNDS).await;
     }
     let starts: Vec<Outbound> = streams()
-        .map(|(u, s)| {
-            let body = start(&user(u), &stream(u, s), &format!("m-start-{u}-{s}"), ROUND_MODEL, 10, 50);
-            Outbound::request(&body, &format!("c-start-{u}-{s}"))
-        })
+        .filter(|&(_, s)| s < STARTED_BEFORE)
+        .map(|(u, s)| start_request(u, s))
         .collect();
     harness.publish_all(&starts).await;
-    for (u, s) in streams() {
-        let reply = harness.reply(&format!("c-start-{u}-{s}")).await;
-        assert!(reply["reserved"].is_i64(), "start {u}-{s} was not granted: {reply}");
+    for (u, s) in streams().filter(|&(_, s)| s < STARTED_BEFORE) {
+        assert_granted(&harness, u, s).await;
     }
 
     // The backlog: every stream's chunks and end, queued while no worker
@@ -66,6 +80,9 @@ async fn sigterm_with_backlog_keeps_order() {
     harness.stop_worker().await;
     let mut backlog = Vec::new();
     for (u, s) in streams() {
+        if s >= STARTED_BEFORE {
+            backlog.push(start_request(u, s));
+        }
         for seq in 0..CHUNKS_PER_STREAM {
             backlog.push(Outbound::json(&chunk(&user(u), &stream(u, s), seq, "delta", Some(1))));
         }
@@ -85,9 +102,18 @@ async fn sigterm_with_backlog_keeps_order() {
         harness.restart_worker().await;
         tokio::time::sleep(pause).await;
         harness.stop_worker().await;
+        // The stop waited for the broker to confirm every settlement event
+        // the worker sent, so none is left for the relay to send again.
+        let unmarked = harness
+            .count("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+            .await;
+        assert_eq!(unmarked, 0, "outbox rows left unmarked by the stop after {pause:?}");
     }
     harness.restart_worker().await;
 
+    for (u, s) in streams().filter(|&(_, s)| s >= STARTED_BEFORE) {
+        assert_granted(&harness, u, s).await;
+    }
     for (u, s) in streams() {
         let settled = harness
             .event_within("reservation.settled", &stream(u, s), SETTLE_WAIT)
