@@ -25,6 +25,7 @@ use clap::{Args, Subcommand};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Consumer};
 use serde::Serialize;
@@ -181,7 +182,8 @@ async fn fetch_all(channel: &Channel, names: &Names) -> Result<(Vec<Delivery>, C
     let passive = QueueDeclareOptions { passive: true, ..Default::default() };
     let queue = channel
         .queue_declare(names.dead.as_str().into(), passive, FieldTable::default())
-        .await?;
+        .await
+        .map_err(|error| missing_queue(error, names))?;
     let expected = (queue.message_count() as usize).min(SCAN_MAX);
     channel
         .basic_qos(SCAN_MAX as u16, BasicQosOptions::default())
@@ -209,6 +211,25 @@ async fn fetch_all(channel: &Channel, names: &Names) -> Result<(Vec<Delivery>, C
         (dead_lettered_at(letter), ours)
     });
     Ok((letters, consumer))
+}
+
+/// Names the likely cause when the dead-letter queue does not exist: no
+/// worker with this prefix has declared its topology on this broker.
+fn missing_queue(error: lapin::Error, names: &Names) -> Failure {
+    let not_found = matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+    );
+    if !not_found {
+        return error.into();
+    }
+    anyhow::anyhow!(
+        "queue `{}` does not exist on this broker: `stream-credits run` declares it, \
+         so start a worker with the same topology.prefix once, or check the prefix",
+        names.dead
+    )
+    .into()
 }
 
 /// Returns when a letter was dead-lettered, in milliseconds since the Unix

@@ -11,7 +11,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::postgres::PgArguments;
 use sqlx::query::QueryAs;
-use sqlx::{PgConnection, Postgres, Row};
+use sqlx::{Connection, PgConnection, Postgres, Row};
+use tracing::warn;
 use uuid::Uuid;
 
 use crate::messages::{
@@ -343,10 +344,24 @@ impl Ledger {
             let key = (message.user_id().to_owned(), message.message_id().to_owned());
 
             // A message id seen before changes nothing; a repeated start
-            // gets its stored reply again.
-            if let Some(reply) = batch.known.get(&key) {
+            // gets its stored reply again. An id that a message of another
+            // type used is a producer's mistake, and dead-lettering the
+            // message shows it where dropping it would hide it.
+            if let Some(seen) = batch.known.get(&key) {
+                if seen.kind != message.type_name() {
+                    let rejection = Rejection {
+                        reason: RejectReason::InvalidField,
+                        detail: format!(
+                            "field `message_id` was already used by a {} of this user",
+                            seen.kind
+                        ),
+                        partial: Default::default(),
+                    };
+                    results.push(Applied::new(Outcome::DeadLetter(rejection)));
+                    continue;
+                }
                 let mut applied = Applied::new(Outcome::Duplicate);
-                if let Some(reply) = reply.clone() {
+                if let Some(reply) = seen.reply.clone() {
                     applied.outgoing.extend(resend_reply(reply, reply_to));
                 }
                 results.push(applied);
@@ -501,7 +516,7 @@ impl Ledger {
             return Ok(self.record_denial(conn, denial, reply_to).await?);
         };
         let processed = (start.user_id.clone(), start.message_id.clone());
-        batch.known.insert(processed, Some(body.clone()));
+        batch.known.insert(processed, Seen::new("stream.started", Some(body.clone())));
         let mut applied = Applied::new(Outcome::Applied);
         applied.outgoing = outgoing;
         Ok((applied, Some(body)))
@@ -694,8 +709,21 @@ impl Ledger {
             }
         };
         // Counts stop at limits.tokens_max, the largest usage whose cost
-        // the price validation keeps within 64 bits.
-        let counted = (pending.counted_completion_tokens + tokens).min(self.settings.limits.tokens_max);
+        // the price validation keeps within 64 bits. Real streams stay far
+        // below it (the default is 10 million tokens), so reaching it is
+        // logged, once per stream.
+        let tokens_max = self.settings.limits.tokens_max;
+        let uncapped = pending.counted_completion_tokens + tokens;
+        if uncapped >= tokens_max && pending.counted_completion_tokens < tokens_max {
+            metrics::counter!("stream_credits_counted_usage_capped_total").increment(1);
+            warn!(
+                user.id = %chunk.user_id,
+                stream.id = %chunk.stream_id,
+                tokens_max,
+                "counted output tokens reached limits.tokens_max; the stream's further chunks add none"
+            );
+        }
+        let counted = uncapped.min(tokens_max);
         pending.counted_completion_tokens = counted;
         pending.chunks += 1;
         let cost_so_far = cost_or_max(&pending.hold.price, pending.hold.prompt_tokens, counted);
@@ -935,11 +963,17 @@ impl Ledger {
     /// Expires up to `limit` holds idle for longer than the ttl, settling
     /// each at its counted usage. Holds locked by another transaction are
     /// skipped, so several sweepers never expire one hold twice.
+    ///
+    /// Each hold is settled under a savepoint. A hold whose settlement
+    /// fails for good, such as a charge that would take the balance past
+    /// the 64-bit range, is rolled back alone, logged and left open, so it
+    /// does not keep every other idle hold from expiring. Returns what to
+    /// publish and how many holds failed.
     pub async fn expire_idle(
         &self,
         conn: &mut PgConnection,
         limit: i64,
-    ) -> Result<Vec<Outgoing>, LedgerError> {
+    ) -> Result<(Vec<Outgoing>, usize), LedgerError> {
         let query = format!(
             "SELECT {HOLD_COLUMNS} FROM holds \
              WHERE settled_at IS NULL AND last_event_at < now() - make_interval(secs => $1) \
@@ -952,11 +986,29 @@ impl Ledger {
             .await?;
 
         let mut outgoing = Vec::new();
+        let mut failed = 0;
         for row in &rows {
             let hold = Hold::from_row(row)?;
-            outgoing.extend(self.settle_hold(conn, &hold, SettleStatus::Expired, None).await?);
+            let mut savepoint = conn.begin().await?;
+            match self.settle_hold(&mut savepoint, &hold, SettleStatus::Expired, None).await {
+                Ok(settled) => {
+                    savepoint.commit().await?;
+                    outgoing.extend(settled);
+                }
+                Err(error) if error.is_retryable() => return Err(error),
+                Err(error) => {
+                    savepoint.rollback().await?;
+                    failed += 1;
+                    warn!(
+                        %error,
+                        user.id = %hold.user_id,
+                        reservation.id = %hold.reservation_id,
+                        "cannot expire an idle hold; it stays open and is tried again at the next sweep"
+                    );
+                }
+            }
         }
-        Ok(outgoing)
+        Ok((outgoing, failed))
     }
 }
 
@@ -984,12 +1036,26 @@ impl PendingCounts {
     }
 }
 
+/// A message id processed before.
+struct Seen {
+    /// The type of the message that used the id.
+    kind: String,
+    /// A start's stored reply.
+    reply: Option<serde_json::Value>,
+}
+
+impl Seen {
+    fn new(kind: &str, reply: Option<serde_json::Value>) -> Self {
+        Self { kind: kind.to_owned(), reply }
+    }
+}
+
 /// What a batch has applied but not yet written.
 #[derive(Default)]
 struct BatchState {
-    /// Processed ids of the batch's messages, with a start's stored reply;
-    /// grows as the batch applies messages.
-    known: HashMap<(String, String), Option<serde_json::Value>>,
+    /// Processed ids of the batch's messages; grows as the batch applies
+    /// messages.
+    known: HashMap<(String, String), Seen>,
     /// Counts by (user, stream).
     pending: HashMap<(String, String), PendingCounts>,
     /// Streams of the batch's starts that had no hold when it began. The
@@ -1006,8 +1072,8 @@ struct BatchState {
 impl BatchState {
 
     /// Reads, in one statement, the transaction's clock, which of the
-    /// batch's messages were processed before (with a start's stored
-    /// reply), and the holds of every stream the batch has chunks or
+    /// batch's messages were processed before (with the type of message
+    /// that used each id, and a start's stored reply), and the holds of every stream the batch has chunks or
     /// starts for, locked. A chunk whose hold does not exist yet, because
     /// its start is in this batch or has not arrived, looks it up again.
     ///
@@ -1036,9 +1102,9 @@ impl BatchState {
         // never reads the stored grant, so it is not sent.
         let query = concat!(
             "SELECT now() AS batch_now, \
-                 (SELECT coalesce(jsonb_agg(jsonb_build_array(p.user_id, p.message_id, p.reply)), '[]') \
+                 (SELECT coalesce(jsonb_agg(jsonb_build_array(p.user_id, p.message_id, p.kind, p.reply)), '[]') \
                   FROM unnest($1::text[], $2::text[]) AS k(user_id, message_id) \
-                  CROSS JOIN LATERAL (SELECT user_id, message_id, reply FROM processed_messages \
+                  CROSS JOIN LATERAL (SELECT user_id, message_id, kind, reply FROM processed_messages \
                       WHERE user_id = k.user_id AND message_id = k.message_id LIMIT 1) AS p) AS processed, \
                  h.* \
              FROM (VALUES (1)) AS one(row) LEFT JOIN LATERAL ( \
@@ -1057,15 +1123,16 @@ impl BatchState {
             .fetch_all(&mut *conn)
             .await?;
         let first = rows.first().expect("a select from one row returns a row");
-        // The processed ids come as `[user_id, message_id, reply]` arrays.
-        let processed: Vec<(String, String, Option<serde_json::Value>)> =
+        // The processed ids come as `[user_id, message_id, kind, reply]`
+        // arrays.
+        let processed: Vec<(String, String, String, Option<serde_json::Value>)> =
             serde_json::from_value(first.try_get("processed")?)
                 .map_err(|error| sqlx::Error::Decode(Box::new(error)))?;
         let mut batch = BatchState {
             now: first.try_get("batch_now")?,
             known: processed
                 .into_iter()
-                .map(|(user_id, message_id, reply)| ((user_id, message_id), reply))
+                .map(|(user_id, message_id, kind, reply)| ((user_id, message_id), Seen { kind, reply }))
                 .collect(),
             ..BatchState::default()
         };
@@ -1088,7 +1155,7 @@ impl BatchState {
 
     fn record(&mut self, key: (String, String), kind: &'static str, reply: Option<serde_json::Value>) {
         self.processed.push((key.0.clone(), key.1.clone(), kind, reply.clone()));
-        self.known.insert(key, reply);
+        self.known.insert(key, Seen::new(kind, reply));
     }
 
     /// Writes one stream's pending counts, so that a message that reads
@@ -1461,11 +1528,18 @@ fn resend_reply(reply: serde_json::Value, reply_to: &ReplyTo) -> Option<Outgoing
     })
 }
 
-/// Marks outbox rows as published.
+/// Marks outbox rows as published, inside the caller's transaction.
+///
+/// The transaction commits without waiting for its WAL to reach the
+/// disk. A mark lost in a server crash only makes the relay send its rows
+/// again, with their event ids, which consumers drop. A mark that waited
+/// would share the disk flush with the reservations committing at the
+/// same time and delay their replies.
 pub async fn mark_published(conn: &mut PgConnection, outbox_ids: &[i64]) -> Result<(), LedgerError> {
     if outbox_ids.is_empty() {
         return Ok(());
     }
+    sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *conn).await?;
     sqlx::query("UPDATE outbox SET published_at = now() WHERE outbox_id = ANY($1)")
         .bind(outbox_ids)
         .execute(&mut *conn)

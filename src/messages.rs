@@ -328,15 +328,13 @@ pub fn decode(body: &[u8], limits: &LimitSettings) -> Result<Inbound, Rejection>
 
 /// Builds the rejection of a body that serde_json could not read. A data
 /// error can only come from [`UniqueKeysVisitor`], whose message names the
-/// repeated key; every other error is a syntax error.
+/// repeated key. Every other error is a syntax error, which serde_json
+/// states in fixed words (such as "unexpected end of hex escape")
+/// with the line and column, never quoting the body.
 fn json_rejection(error: serde_json::Error) -> Rejection {
     let detail = match error.classify() {
         Category::Data => error.to_string(),
-        Category::Io | Category::Syntax | Category::Eof => format!(
-            "body is not JSON: syntax error at line {} column {}",
-            error.line(),
-            error.column()
-        ),
+        Category::Io | Category::Syntax | Category::Eof => format!("body is not JSON: {error}"),
     };
     Rejection::new(RejectReason::InvalidJson, detail)
 }
@@ -1086,6 +1084,16 @@ mod tests {
         assert_eq!(rejection.reason, RejectReason::InvalidJson);
         let rejection = decode(b"[1]", &limits()).unwrap_err();
         assert_eq!(rejection.reason, RejectReason::InvalidJson);
+    }
+
+    #[test]
+    fn lone_surrogate_is_named_without_text() {
+        let body = br#"{"type":"chunk.emitted","message_id":"c","user_id":"u",
+            "stream_id":"s","seq":0,"delta":"secret \ud83d","occurred_at":"2026-12-04T10:00:00Z"}"#;
+        let rejection = decode(body, &limits()).unwrap_err();
+        assert_eq!(rejection.reason, RejectReason::InvalidJson);
+        assert!(rejection.detail.contains("hex escape"), "{}", rejection.detail);
+        assert!(!rejection.detail.contains("secret"), "{}", rejection.detail);
     }
 
     #[test]

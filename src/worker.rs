@@ -1246,8 +1246,10 @@ async fn mark_published(pool: &PgPool, ids: &[i64]) {
         return;
     }
     let result = async {
-        let mut conn = pool.acquire().await?;
-        ledger::mark_published(&mut conn, &ids).await
+        let mut tx = pool.begin().await?;
+        ledger::mark_published(&mut tx, ids).await?;
+        tx.commit().await?;
+        Ok::<_, LedgerError>(())
     }
     .await;
     if let Err(error) = result {
@@ -1316,19 +1318,23 @@ impl Maintenance {
         !run.finished
     }
 
-    /// Expires idle holds until none is left. Database errors are logged
-    /// and left to the next tick.
+    /// Expires idle holds until a pass expires none. Database errors are
+    /// logged and left to the next tick, and so are holds that fail to
+    /// settle.
     async fn sweep(&self) -> Result<(), SessionError> {
         loop {
             let result = async {
                 let mut tx = self.worker.pool.begin().await?;
-                let outgoing = self.worker.ledger.expire_idle(&mut tx, SWEEP_BATCH_MAX).await?;
+                let expired = self.worker.ledger.expire_idle(&mut tx, SWEEP_BATCH_MAX).await?;
                 tx.commit().await?;
-                Ok::<_, LedgerError>(outgoing)
+                Ok::<_, LedgerError>(expired)
             }
             .await;
             let outgoing = match result {
-                Ok(outgoing) => outgoing,
+                Ok((outgoing, failed)) => {
+                    metrics::counter!("stream_credits_expiry_failures_total").increment(failed as u64);
+                    outgoing
+                }
                 Err(error) => {
                     metrics::counter!("stream_credits_database_errors_total").increment(1);
                     warn!(%error, "expiry sweep failed, retrying at the next interval");

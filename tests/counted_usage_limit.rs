@@ -1,9 +1,10 @@
 //! Counted usage stops at `limits.tokens_max`, so a stream that states
-//! more tokens than any provider produces settles instead of overflowing.
+//! more tokens than any provider produces settles instead of overflowing,
+//! and reaching the limit is counted once per stream.
 
 mod common;
 
-use common::{Harness, Outbound, chunk, end, start};
+use common::{Harness, Outbound, chunk, end, free_local_address, metric_value, start};
 use stream_credits::messages::EndStatus;
 use stream_credits::pricing::ModelPrice;
 
@@ -20,6 +21,7 @@ const OUTPUT_PER_MILLION: i64 = 922_337_203_685_477_580;
 async fn counted_usage_stops_at_limit() {
     let harness = Harness::start("limit", |settings| {
         settings.limits.tokens_max = TOKENS_MAX;
+        settings.http.listen = free_local_address();
         let price = ModelPrice {
             input_per_million: 0,
             output_per_million: OUTPUT_PER_MILLION,
@@ -51,6 +53,8 @@ async fn counted_usage_stops_at_limit() {
     let product = i128::from(TOKENS_MAX) * i128::from(OUTPUT_PER_MILLION);
     let cost = (product + 999_999) / 1_000_000;
     assert_eq!(settled["cost"].as_i64().map(i128::from), Some(cost), "{settled}");
+    let capped = metric_value(&harness.metrics().await, "stream_credits_counted_usage_capped_total");
+    assert_eq!(capped, Some(1.0), "streams whose count reached the limit");
 
     harness.finish().await;
 }

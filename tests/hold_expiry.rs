@@ -1,11 +1,12 @@
-//! Idle holds expire at counted usage, busy ones do not, and a late
-//! `stream.ended` corrects the expired charge.
+//! Idle holds expire at counted usage, busy ones do not, a late
+//! `stream.ended` corrects the expired charge, and a hold that cannot be
+//! settled does not keep the others from expiring.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{Harness, Outbound, ROUND_MODEL, chunk, end, start};
+use common::{Harness, Outbound, ROUND_MODEL, chunk, end, free_local_address, metric_value, start};
 use stream_credits::messages::EndStatus;
 
 const USER: &str = "u-expiry";
@@ -33,6 +34,16 @@ const BUSY_CHARGE: i64 = 30;
 /// Late provider usage of the silent stream: 10 + 2 * 40 = 90.
 const LATE_USAGE: (u64, u64) = (10, 40);
 const LATE_CHARGE: i64 = 90;
+
+/// Returns whether the stream's hold is still open.
+async fn hold_open(harness: &Harness, user_id: &str, stream_id: &str) -> bool {
+    sqlx::query_scalar("SELECT settled_at IS NULL FROM holds WHERE user_id = $1 AND stream_id = $2")
+        .bind(user_id)
+        .bind(stream_id)
+        .fetch_one(&harness.pool)
+        .await
+        .expect("read the hold")
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_hold_expires_and_adjusts() {
@@ -78,15 +89,7 @@ async fn idle_hold_expires_and_adjusts() {
         harness.events("reservation.settled", BUSY).is_empty(),
         "a stream sending chunks within the ttl was settled"
     );
-    let busy_open: bool = sqlx::query_scalar(
-        "SELECT settled_at IS NULL FROM holds WHERE user_id = $1 AND stream_id = $2",
-    )
-    .bind(USER)
-    .bind(BUSY)
-    .fetch_one(&harness.pool)
-    .await
-    .expect("read the busy hold");
-    assert!(busy_open, "the busy stream's hold is no longer open");
+    assert!(hold_open(&harness, USER, BUSY).await, "the busy stream's hold is no longer open");
 
     let expired = harness.event("reservation.settled", SILENT).await;
     assert_eq!(expired["status"], "expired", "{expired}");
@@ -152,6 +155,48 @@ async fn idle_hold_expires_and_adjusts() {
     let account = harness.account(USER).await;
     assert_eq!(account.balance, final_balance);
     assert_eq!(account.reserved, 0);
+
+    harness.finish().await;
+}
+
+/// A hold whose expiry fails for good stays open and is tried again at
+/// every sweep, while another user's idle hold expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_expiry_leaves_other_holds_to_expire() {
+    let stuck = "u-stuck";
+    let other = "u-other";
+    let harness = Harness::start("expiryfault", |settings| {
+        settings.reservations.ttl_seconds = TTL_SECONDS;
+        settings.reservations.sweep_interval_seconds = 1;
+        settings.http.listen = free_local_address();
+    })
+    .await;
+    for user in [stuck, other] {
+        harness.fund(user, &format!("{user}-grant"), BALANCE).await;
+        let body = start(user, user, &format!("{user}-start"), ROUND_MODEL, PROMPT_TOKENS, MAX_OUTPUT_TOKENS);
+        let reply = harness.request(&body, user).await;
+        assert_eq!(reply["type"], "reservation.granted", "{reply}");
+    }
+    // Every ledger row of the stuck user fails with an error that no
+    // retry cures (numeric value out of range), as a charge past the
+    // 64-bit balance would.
+    harness.install_fault("ledger", "user_id").await;
+    harness.plan_failures(stuck, "22003", None).await;
+
+    let expired = harness.event("reservation.settled", other).await;
+    assert_eq!(expired["status"], "expired", "{expired}");
+    assert_eq!(expired["charged"], PROMPT_TOKENS, "{expired}");
+    assert_eq!(harness.account(other).await.reserved, 0);
+
+    assert!(hold_open(&harness, stuck, stuck).await, "the stuck hold is no longer open");
+    assert_eq!(harness.account(stuck).await.reserved, RESERVED);
+    let failures = metric_value(&harness.metrics().await, "stream_credits_expiry_failures_total");
+    assert!(failures.unwrap_or(0.0) >= 1.0, "failures counted: {failures:?}");
+
+    harness.clear_failures(stuck).await;
+    let expired = harness.event("reservation.settled", stuck).await;
+    assert_eq!(expired["status"], "expired", "{expired}");
+    assert_eq!(harness.account(stuck).await.reserved, 0);
 
     harness.finish().await;
 }

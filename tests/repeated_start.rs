@@ -1,6 +1,7 @@
 //! A new `message_id` for a stream with an open hold reuses the grant,
 //! one for a denied stream is decided again, and one for a settled stream
-//! is answered `invalid_request`.
+//! is answered `invalid_request`, as is a start that reuses a grant's
+//! `message_id`.
 
 mod common;
 
@@ -152,6 +153,33 @@ async fn settled_stream_start_is_answered() {
     assert_eq!(letters[0].error.as_deref(), Some("invalid_field"));
     let account = harness.account(user).await;
     assert_eq!(account.reserved, 0, "the second start holds nothing");
+
+    harness.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_with_a_grants_id_is_answered() {
+    let harness = Harness::start("reusedid", |_| {}).await;
+    let user = "u-reused-id";
+    harness.fund(user, "shared-id", 1000).await;
+
+    let reply = harness
+        .request(&start(user, "s-1", "shared-id", ROUND_MODEL, 10, 100), "c-1")
+        .await;
+    assert_eq!(reply["type"], "reservation.denied", "{reply}");
+    assert_eq!(reply["reason"], "invalid_request", "{reply}");
+    assert_eq!(reply["stream_id"], "s-1", "{reply}");
+    let detail = reply["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("credits.granted"), "{reply}");
+
+    let letters = harness.take_dead_letters().await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].error.as_deref(), Some("invalid_field"));
+    assert_eq!(letters[0].message_id.as_deref(), Some("shared-id"));
+    let account = harness.account(user).await;
+    assert_eq!(account.balance, 1000, "the grant was applied once");
+    assert_eq!(account.reserved, 0, "the start holds nothing");
+    assert_eq!(hold_count(&harness, user).await, 0);
 
     harness.finish().await;
 }

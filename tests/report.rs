@@ -3,9 +3,9 @@
 //! one expired and then adjusted by a late end, a denied start and two
 //! dead letters. Every figure is checked against sums the test computes
 //! from what it sent. An account corrupted by hand makes the report exit
-//! 1 naming it, and an unreachable broker makes it exit 1 after printing
-//! the database figures. Grants whose sum passes the i64 range are summed
-//! exactly.
+//! 1 naming it, and an unreachable broker or a dead-letter queue that no
+//! worker declared makes it exit 1 after printing the database figures.
+//! Grants whose sum passes the i64 range are summed exactly.
 
 mod common;
 
@@ -530,6 +530,7 @@ async fn report_matches_driven_streams() {
     }
 
     check_unreachable_broker(&harness).await;
+    check_undeclared_queue(&harness).await;
     check_corrupted_account(&harness).await;
     harness.wait_dead_letter_count(2).await;
     harness.finish().await;
@@ -537,6 +538,21 @@ async fn report_matches_driven_streams() {
 
 /// Checks that without the broker the report still prints the database
 /// figures, marks the dead letters unavailable and exits 1.
+/// Checks that with a prefix no worker used, the report names the missing
+/// dead-letter queue and the command that declares it.
+async fn check_undeclared_queue(harness: &Harness) {
+    let prefix = format!("{}-undeclared", harness.settings.topology.prefix);
+    let env = [("STREAM_CREDITS__TOPOLOGY__PREFIX", prefix.as_str())];
+
+    let (code, document) = report_json(harness, &[], &env).await;
+    assert_eq!(code, RUNTIME_FAILURE, "{document}");
+    assert_eq!(document["dead_letters"]["status"], "unavailable", "{document}");
+    let error = document["dead_letters"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains(&format!("queue `{prefix}.dead` does not exist")), "{document}");
+    assert!(error.contains("stream-credits run"), "{document}");
+    assert_eq!(document["holds"]["opened"], STREAMS.len(), "{document}");
+}
+
 async fn check_unreachable_broker(harness: &Harness) {
     let nobody = format!("amqp://guest:guest@{}/%2f", free_local_address());
     let env = [("STREAM_CREDITS__AMQP__URL", nobody.as_str())];
