@@ -678,11 +678,11 @@ impl Settings {
                 return Err(SettingsError::invalid(key, "must be greater than zero"));
             }
         }
-        if self.limits.id_chars_max == 0 || self.limits.message_bytes_max == 0 {
-            return Err(SettingsError::invalid(
-                "limits",
-                "id_chars_max and message_bytes_max must be greater than zero",
-            ));
+        if self.limits.id_chars_max == 0 {
+            return Err(SettingsError::invalid("limits.id_chars_max", "must be greater than zero"));
+        }
+        if self.limits.message_bytes_max == 0 {
+            return Err(SettingsError::invalid("limits.message_bytes_max", "must be greater than zero"));
         }
         // A ttl near i64::MAX seconds would overflow the interval sent to
         // PostgreSQL; ten years is far beyond any useful value.
@@ -1086,6 +1086,23 @@ mod tests {
         assert!(text.contains("integer"), "{text}");
         let settings = load_with(&[("STREAM_CREDITS__RESERVATIONS__TTL_SECONDS", "3.0")]).unwrap();
         assert_eq!(settings.reservations.ttl_seconds, 3);
+    }
+
+    #[test]
+    fn integer_beyond_64_bits_is_rejected() {
+        let variable = "STREAM_CREDITS__LIMITS__TOKENS_MAX";
+        let text = error_text(&[(variable, "99999999999999999999")]);
+        assert!(text.contains("limits.tokens_max"), "{text}");
+        assert!(text.contains(&format!("environment variable {variable}")), "{text}");
+        assert!(text.contains("`99999999999999999999`"), "{text}");
+    }
+
+    #[test]
+    fn zero_id_limit_names_its_key() {
+        let variable = "STREAM_CREDITS__LIMITS__ID_CHARS_MAX";
+        let text = error_text(&[(variable, "0")]);
+        assert!(text.contains("limits.id_chars_max"), "{text}");
+        assert!(text.contains(&format!("environment variable {variable}")), "{text}");
     }
 
     #[test]
