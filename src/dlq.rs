@@ -34,7 +34,7 @@ use crate::broker::{self, HEADER_DEAD_LETTER_ID, HEADER_DETAIL, HEADER_ERROR, HE
 use crate::cli::Failure;
 use crate::messages::RejectReason;
 use crate::settings::Settings;
-use crate::topology::{self, Names};
+use crate::topology::Names;
 
 /// Most dead letters one command reads, so a flooded queue cannot
 /// exhaust the operator's memory; run the command again for more. It is
@@ -130,17 +130,22 @@ pub struct DeadLetterView {
     pub bytes: usize,
 }
 
-/// Runs one dead-letter command.
+/// Runs one dead-letter command. The topology is not declared. With a
+/// mistyped prefix that would create queues no worker reads. With another
+/// shard count it would bind unread shard queues into the hash ring,
+/// where they would take some users' messages.
 pub async fn execute(settings: Arc<Settings>, command: DlqCommand) -> Result<(), Failure> {
     let connection = broker::connect(&settings.amqp, "stream-credits dlq").await?;
     let channel = broker::confirm_channel(&connection).await?;
-    let names = topology::declare(&channel, &settings.topology)
-        .await
-        .map_err(|error| match error {
-            topology::TopologyError::Broker(_) => Failure::from(error),
-            fatal => Failure::usage(fatal),
-        })?;
-    let (letters, consumer) = fetch_all(&channel, &names).await?;
+    let names = Names::new(&settings.topology.prefix);
+    let fetched = fetch_all(&channel, &names).await;
+    let (letters, consumer) = match fetched {
+        Ok(fetched) => fetched,
+        Err(failure) => {
+            close(&channel, &connection).await;
+            return Err(failure);
+        }
+    };
 
     let result = match command {
         DlqCommand::List(args) => list(&letters, &args),
@@ -153,8 +158,9 @@ pub async fn execute(settings: Arc<Settings>, command: DlqCommand) -> Result<(),
     result
 }
 
-/// Reads every dead letter without removing any, for the report. The
-/// topology is not declared, so a missing queue is an error.
+/// Reads every dead letter without removing any, for the report. As for
+/// the commands, the topology is not declared, so a missing queue is an
+/// error.
 pub async fn peek(settings: &Settings) -> Result<Vec<DeadLetterView>, Failure> {
     let connection = broker::connect(&settings.amqp, "stream-credits report").await?;
     let channel = connection.create_channel().await?;
@@ -283,14 +289,30 @@ fn view(letter: &Delivery) -> DeadLetterView {
 }
 
 /// Id of a letter the broker dead-lettered, which has no header of ours:
-/// a hash of its body and first death time, stable across listings.
+/// a hash of its body, first death time (in whole seconds), routing key
+/// and reply properties, stable across listings. Copies of one message
+/// dead-lettered in the same second share it, and a command given the id
+/// acts on all of them.
 fn broker_letter_id(letter: &Delivery) -> String {
     // FNV-1a, 64 bits: stable across Rust versions, unlike std's hasher.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let death_time = first_death(letter)
         .and_then(|death| death.inner().get("time").map(|time| format!("{time:?}")))
         .unwrap_or_default();
-    for byte in letter.data.iter().chain(death_time.as_bytes()) {
+    let property = |value: &Option<lapin::types::ShortString>| {
+        value.as_ref().map(|value| value.as_str().to_owned()).unwrap_or_default()
+    };
+    let properties = &letter.properties;
+    let fields = [
+        death_time,
+        original_routing_key(letter),
+        property(properties.reply_to()),
+        property(properties.correlation_id()),
+        property(properties.message_id()),
+    ];
+    // A zero byte after each field keeps ("ab", "c") apart from ("a", "bc").
+    let separated = fields.iter().flat_map(|field| field.as_bytes().iter().chain(&[0]));
+    for byte in letter.data.iter().chain(separated) {
         hash ^= u64::from(*byte);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }

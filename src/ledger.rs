@@ -967,38 +967,41 @@ impl Ledger {
     /// Each hold is settled under a savepoint. A hold whose settlement
     /// fails for good, such as a charge that would take the balance past
     /// the 64-bit range, is rolled back alone, logged and left open, so it
-    /// does not keep every other idle hold from expiring. Returns what to
-    /// publish and how many holds failed.
+    /// does not keep every other idle hold from expiring. Holds in `skip`,
+    /// those that failed earlier in the same sweep, are not tried again.
     pub async fn expire_idle(
         &self,
         conn: &mut PgConnection,
         limit: i64,
-    ) -> Result<(Vec<Outgoing>, usize), LedgerError> {
+        skip: &[Uuid],
+    ) -> Result<Expiry, LedgerError> {
         let query = format!(
             "SELECT {HOLD_COLUMNS} FROM holds \
              WHERE settled_at IS NULL AND last_event_at < now() - make_interval(secs => $1) \
+                 AND reservation_id <> ALL($3) \
              ORDER BY last_event_at LIMIT $2 FOR UPDATE SKIP LOCKED"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(query))
             .bind(self.settings.reservations.ttl_seconds as f64)
             .bind(limit)
+            .bind(skip)
             .fetch_all(&mut *conn)
             .await?;
 
-        let mut outgoing = Vec::new();
-        let mut failed = 0;
+        let mut expiry = Expiry::default();
         for row in &rows {
             let hold = Hold::from_row(row)?;
             let mut savepoint = conn.begin().await?;
             match self.settle_hold(&mut savepoint, &hold, SettleStatus::Expired, None).await {
                 Ok(settled) => {
                     savepoint.commit().await?;
-                    outgoing.extend(settled);
+                    expiry.outgoing.extend(settled);
+                    expiry.expired += 1;
                 }
                 Err(error) if error.is_retryable() => return Err(error),
                 Err(error) => {
                     savepoint.rollback().await?;
-                    failed += 1;
+                    expiry.failed.push(hold.reservation_id);
                     warn!(
                         %error,
                         user.id = %hold.user_id,
@@ -1008,8 +1011,19 @@ impl Ledger {
                 }
             }
         }
-        Ok((outgoing, failed))
+        Ok(expiry)
     }
+}
+
+/// The outcome of one page of the expiry sweep.
+#[derive(Debug, Default)]
+pub struct Expiry {
+    /// The settlement events to publish.
+    pub outgoing: Vec<Outgoing>,
+    /// How many holds were expired.
+    pub expired: usize,
+    /// The holds whose settlement failed for good, left open.
+    pub failed: Vec<Uuid>,
 }
 
 /// Chunk counts of one stream that the batch has not written yet.

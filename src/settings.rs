@@ -369,9 +369,10 @@ pub struct RetentionSettings {
     pub interval_seconds: u64,
 }
 
-/// Reads `worker.home_shards` as a list or as one shard. `config` reads a
-/// variable such as `…__HOME_SHARDS=3`, which has no comma, as a number,
-/// and the items of `…__HOME_SHARDS=0,3` as text.
+/// Reads `worker.home_shards` as a list, as one shard or as text listing
+/// shards with commas (`"0,3"` in a file). `config` reads a variable such
+/// as `…__HOME_SHARDS=3`, which has no comma, as a number, and the items of
+/// `…__HOME_SHARDS=0,3` as text.
 fn one_or_many_shards<'de, D>(deserializer: D) -> Result<Vec<u16>, D::Error>
 where
     D: serde::Deserializer<'de>,
@@ -397,12 +398,17 @@ where
             self.visit_u64(shard)
         }
 
+        /// Reads one shard or, as a file may write it, a comma-separated
+        /// list of them.
         fn visit_str<E: Error>(self, text: &str) -> Result<Self::Value, E> {
-            let shard = text
-                .trim()
-                .parse::<u16>()
-                .map_err(|_| E::custom(format!("`{text}` is not a shard number")))?;
-            Ok(vec![shard])
+            text.split(',')
+                .map(|shard| {
+                    shard
+                        .trim()
+                        .parse::<u16>()
+                        .map_err(|_| E::custom(format!("`{shard}` is not a shard number")))
+                })
+                .collect()
         }
 
         fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<Self::Value, A::Error> {
@@ -1134,6 +1140,23 @@ mod tests {
             ("STREAM_CREDITS__DATABASE__MAX_CONNECTIONS", "4"),
         ]);
         assert_eq!(settings.unwrap().topology.shards, 16);
+    }
+
+    #[test]
+    fn home_shards_parse_from_file_text_and_list() {
+        let dir = std::env::temp_dir().join(format!("settings-shards-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (text, expected) in [("\"0, 1,2\"", vec![0, 1, 2]), ("[4, 5]", vec![4, 5]), ("\"6\"", vec![6])] {
+            let path = dir.join("shards.toml");
+            std::fs::write(&path, format!("[worker]\nhome_shards = {text}\n")).unwrap();
+            let settings = Settings::load_from(Some(&path), Vec::new()).unwrap();
+            assert_eq!(settings.worker.home_shards, expected, "{text}");
+        }
+        let path = dir.join("shards.toml");
+        std::fs::write(&path, "[worker]\nhome_shards = \"0,x\"\n").unwrap();
+        let text = Settings::load_from(Some(&path), Vec::new()).unwrap_err().to_string();
+        assert!(text.contains("`x` is not a shard number"), "{text}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -63,8 +63,8 @@ const RELAY_AGE_SECONDS: f64 = 10.0;
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// Maximum number of holds expired or outbox rows relayed in one
-/// transaction.
-const SWEEP_BATCH_MAX: i64 = 200;
+/// transaction, a page of the expiry sweep.
+pub const SWEEP_BATCH_MAX: i64 = 200;
 
 /// Batches of sent outbox rows waiting to be marked. When the queue is
 /// full, a shard waits for its own confirms and marks its own rows before
@@ -1318,36 +1318,39 @@ impl Maintenance {
         !run.finished
     }
 
-    /// Expires idle holds until a pass expires none. Database errors are
-    /// logged and left to the next tick, and so are holds that fail to
-    /// settle.
+    /// Expires idle holds a page at a time until a page finds none.
+    /// Database errors are logged and left to the next tick. Holds that
+    /// fail to settle are left to the next tick too, and the later pages
+    /// pass over them, so any number of them leaves the rest to expire.
     async fn sweep(&self) -> Result<(), SessionError> {
+        let mut failed = Vec::new();
         loop {
             let result = async {
                 let mut tx = self.worker.pool.begin().await?;
-                let expired = self.worker.ledger.expire_idle(&mut tx, SWEEP_BATCH_MAX).await?;
+                let expiry = self.worker.ledger.expire_idle(&mut tx, SWEEP_BATCH_MAX, &failed).await?;
                 tx.commit().await?;
-                Ok::<_, LedgerError>(expired)
+                Ok::<_, LedgerError>(expiry)
             }
             .await;
-            let outgoing = match result {
-                Ok((outgoing, failed)) => {
-                    metrics::counter!("stream_credits_expiry_failures_total").increment(failed as u64);
-                    outgoing
-                }
+            let expiry = match result {
+                Ok(expiry) => expiry,
                 Err(error) => {
                     metrics::counter!("stream_credits_database_errors_total").increment(1);
                     warn!(%error, "expiry sweep failed, retrying at the next interval");
                     return Ok(());
                 }
             };
-            if outgoing.is_empty() {
+            if expiry.expired == 0 && expiry.failed.is_empty() {
                 return Ok(());
             }
-            metrics::counter!("stream_credits_holds_expired_total").increment(outgoing.len() as u64);
-            info!(holds = outgoing.len(), "expired idle holds");
-            broker::publish_outgoing(&self.channel, &self.names, &outgoing).await?;
-            mark_published(&self.worker.pool, &outbox_ids(&outgoing)).await;
+            metrics::counter!("stream_credits_expiry_failures_total").increment(expiry.failed.len() as u64);
+            failed.extend(expiry.failed);
+            if expiry.expired > 0 {
+                metrics::counter!("stream_credits_holds_expired_total").increment(expiry.expired as u64);
+                info!(holds = expiry.expired, "expired idle holds");
+                broker::publish_outgoing(&self.channel, &self.names, &expiry.outgoing).await?;
+                mark_published(&self.worker.pool, &outbox_ids(&expiry.outgoing)).await;
+            }
         }
     }
 

@@ -3,8 +3,11 @@
 //! start is dead-lettered as `unknown_stream`. After the start, replaying
 //! it counts its tokens once, however often the same dead letter is
 //! replayed. Further tests check that `list` keeps one order, that
-//! `show` prints every property and header, and that `replay` and `purge`
-//! fail on ids they cannot find.
+//! `show` prints every property and header, that `replay` and `purge`
+//! fail on ids they cannot find, that broker letters with one body but
+//! other properties get ids of their own, and that `list` against a
+//! prefix no worker declared names the missing queue and creates
+//! nothing.
 
 mod common;
 
@@ -429,5 +432,49 @@ async fn dlq_unknown_ids_fail() {
     assert_eq!(left.len(), 1, "{left:?}");
     assert_eq!(left[0]["message_id"], "s-kept-c0", "{left:?}");
     harness.wait_dead_letter_count(1).await;
+    harness.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_without_topology_names_queue() {
+    let harness = Harness::database_only("dlqnotopology").await;
+    let missing = format!("queue `{}` does not exist", harness.names.dead);
+
+    // A second run fails the same way only if the first declared nothing.
+    for run in 1..=2 {
+        let output = harness.run_cli(&["dlq", "list"]).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(RUNTIME_FAILURE), "run {run}: {stderr}");
+        assert!(stderr.contains(&missing), "run {run}: {stderr}");
+        assert!(stderr.contains("stream-credits run"), "run {run}: {stderr}");
+    }
+
+    harness.finish().await;
+}
+
+/// Two broker letters with the same body and death time, as a start sent
+/// twice with other correlation ids would give, are purged one at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_letters_differing_in_properties_have_own_ids() {
+    let harness = Harness::start("dlqbrokerids", |_| {}).await;
+    let body = br#"{"type": "chunk.emitted"}"#;
+    for message_id in ["m-first", "m-second"] {
+        harness
+            .publish_dead_letter_copy(&broker_dead_letter(USER, message_id, body))
+            .await;
+    }
+    harness.wait_dead_letter_count(2).await;
+
+    let listed = list(&harness).await;
+    let ids: Vec<&str> = listed.iter().filter_map(|letter| letter["id"].as_str()).collect();
+    assert_eq!(ids.len(), 2, "{listed:?}");
+    assert_ne!(ids[0], ids[1], "{listed:?}");
+
+    let output = harness.run_cli(&["dlq", "purge", "--id", ids[0], "--yes"]).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("purged 1 dead letter"), "{stderr}");
+    harness.wait_dead_letter_count(1).await;
+
     harness.finish().await;
 }

@@ -6,7 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Harness, Outbound, ROUND_MODEL, chunk, end, free_local_address, metric_value, start};
+use common::{Harness, Outbound, ROUND_MODEL, WAIT, chunk, end, free_local_address, metric_value, start};
+use stream_credits::worker::SWEEP_BATCH_MAX;
 use stream_credits::messages::EndStatus;
 
 const USER: &str = "u-expiry";
@@ -159,44 +160,82 @@ async fn idle_hold_expires_and_adjusts() {
     harness.finish().await;
 }
 
-/// A hold whose expiry fails for good stays open and is tried again at
-/// every sweep, while another user's idle hold expires.
+/// Counts the open holds of every user but `except`.
+async fn open_holds(harness: &Harness, except: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM holds WHERE settled_at IS NULL AND user_id <> $1")
+        .bind(except)
+        .fetch_one(&harness.pool)
+        .await
+        .expect("count open holds")
+}
+
+/// Holds whose expiry fails for good stay open and are tried again at
+/// every sweep, while another user's idle hold expires. They fill more
+/// than one page of the sweep, so a sweep that only moved on after a page
+/// expired something would never reach the other hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_expiry_leaves_other_holds_to_expire() {
-    let stuck = "u-stuck";
+    const STUCK_USERS: usize = 4;
+    let stuck_holds = SWEEP_BATCH_MAX as usize + STUCK_USERS;
+    let stuck_users: Vec<String> = (0..STUCK_USERS).map(|user| format!("u-stuck-{user}")).collect();
     let other = "u-other";
     let harness = Harness::start("expiryfault", |settings| {
         settings.reservations.ttl_seconds = TTL_SECONDS;
         settings.reservations.sweep_interval_seconds = 1;
+        settings.reservations.max_active_per_user = stuck_holds as u32;
         settings.http.listen = free_local_address();
     })
     .await;
-    for user in [stuck, other] {
-        harness.fund(user, &format!("{user}-grant"), BALANCE).await;
-        let body = start(user, user, &format!("{user}-start"), ROUND_MODEL, PROMPT_TOKENS, MAX_OUTPUT_TOKENS);
-        let reply = harness.request(&body, user).await;
-        assert_eq!(reply["type"], "reservation.granted", "{reply}");
+    for user in stuck_users.iter().map(String::as_str).chain([other]) {
+        harness.fund(user, &format!("{user}-grant"), BALANCE * stuck_holds as i64).await;
     }
-    // Every ledger row of the stuck user fails with an error that no
+    // Every ledger row of the stuck users fails with an error that no
     // retry cures (numeric value out of range), as a charge past the
-    // 64-bit balance would.
+    // 64-bit balance would. Placing a hold writes no ledger row.
     harness.install_fault("ledger", "user_id").await;
-    harness.plan_failures(stuck, "22003", None).await;
+    for user in &stuck_users {
+        harness.plan_failures(user, "22003", None).await;
+    }
+
+    let starts: Vec<Outbound> = (0..stuck_holds)
+        .map(|index| {
+            let user = &stuck_users[index % STUCK_USERS];
+            let stream = format!("s-stuck-{index}");
+            Outbound::json(&start(user, &stream, &format!("{stream}-start"), ROUND_MODEL, PROMPT_TOKENS, MAX_OUTPUT_TOKENS))
+        })
+        .collect();
+    harness.publish_all(&starts).await;
+    for user in &stuck_users {
+        harness.barrier(user).await;
+    }
+    let body = start(other, other, "other-start", ROUND_MODEL, PROMPT_TOKENS, MAX_OUTPUT_TOKENS);
+    let reply = harness.request(&body, other).await;
+    assert_eq!(reply["type"], "reservation.granted", "{reply}");
 
     let expired = harness.event("reservation.settled", other).await;
     assert_eq!(expired["status"], "expired", "{expired}");
     assert_eq!(expired["charged"], PROMPT_TOKENS, "{expired}");
     assert_eq!(harness.account(other).await.reserved, 0);
 
-    assert!(hold_open(&harness, stuck, stuck).await, "the stuck hold is no longer open");
-    assert_eq!(harness.account(stuck).await.reserved, RESERVED);
+    assert_eq!(open_holds(&harness, other).await, stuck_holds as i64, "stuck holds still open");
     let failures = metric_value(&harness.metrics().await, "stream_credits_expiry_failures_total");
-    assert!(failures.unwrap_or(0.0) >= 1.0, "failures counted: {failures:?}");
+    assert!(failures.unwrap_or(0.0) >= stuck_holds as f64, "failures counted: {failures:?}");
 
-    harness.clear_failures(stuck).await;
-    let expired = harness.event("reservation.settled", stuck).await;
+    for user in &stuck_users {
+        harness.clear_failures(user).await;
+    }
+    // A sweep under way when the faults were cleared passes over the
+    // holds that failed in it, and the next one expires them.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while open_holds(&harness, other).await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "stuck holds still open after {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let expired = harness.event("reservation.settled", "s-stuck-0").await;
     assert_eq!(expired["status"], "expired", "{expired}");
-    assert_eq!(harness.account(stuck).await.reserved, 0);
+    for user in &stuck_users {
+        assert_eq!(harness.account(user).await.reserved, 0, "{user}");
+    }
 
     harness.finish().await;
 }
