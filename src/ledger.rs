@@ -1006,7 +1006,7 @@ impl Ledger {
                         %error,
                         user.id = %hold.user_id,
                         reservation.id = %hold.reservation_id,
-                        "cannot expire an idle hold; it stays open and is tried again at the next sweep"
+                        "failed to expire an idle hold, which stays open until the next sweep tries again"
                     );
                 }
             }
@@ -1020,9 +1020,10 @@ impl Ledger {
 pub struct Expiry {
     /// The settlement events to publish.
     pub outgoing: Vec<Outgoing>,
-    /// How many holds were expired.
+    /// The number of holds expired.
     pub expired: usize,
-    /// The holds whose settlement failed for good, left open.
+    /// Reservation ids of the holds whose settlement failed for good,
+    /// which stay open.
     pub failed: Vec<Uuid>,
 }
 

@@ -36,16 +36,6 @@ const BUSY_CHARGE: i64 = 30;
 const LATE_USAGE: (u64, u64) = (10, 40);
 const LATE_CHARGE: i64 = 90;
 
-/// Returns whether the stream's hold is still open.
-async fn hold_open(harness: &Harness, user_id: &str, stream_id: &str) -> bool {
-    sqlx::query_scalar("SELECT settled_at IS NULL FROM holds WHERE user_id = $1 AND stream_id = $2")
-        .bind(user_id)
-        .bind(stream_id)
-        .fetch_one(&harness.pool)
-        .await
-        .expect("read the hold")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_hold_expires_and_adjusts() {
     let harness = Harness::start("expiry", |settings| {
@@ -90,7 +80,15 @@ async fn idle_hold_expires_and_adjusts() {
         harness.events("reservation.settled", BUSY).is_empty(),
         "a stream sending chunks within the ttl was settled"
     );
-    assert!(hold_open(&harness, USER, BUSY).await, "the busy stream's hold is no longer open");
+    let busy_open: bool = sqlx::query_scalar(
+        "SELECT settled_at IS NULL FROM holds WHERE user_id = $1 AND stream_id = $2",
+    )
+    .bind(USER)
+    .bind(BUSY)
+    .fetch_one(&harness.pool)
+    .await
+    .expect("read the busy hold");
+    assert!(busy_open, "the busy stream's hold is no longer open");
 
     let expired = harness.event("reservation.settled", SILENT).await;
     assert_eq!(expired["status"], "expired", "{expired}");

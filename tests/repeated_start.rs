@@ -5,7 +5,8 @@
 
 mod common;
 
-use common::{Harness, Outbound, ROUND_MODEL, end, start};
+use common::{DeadLetter, Harness, Outbound, ROUND_MODEL, end, start};
+use serde_json::Value;
 use stream_credits::messages::EndStatus;
 
 /// Round-price hold of the held stream: 10 + 2 * 100 = 210.
@@ -124,6 +125,22 @@ async fn denied_stream_granted_after_top_up() {
     harness.finish().await;
 }
 
+/// Checks that a start of stream `s-1` got an `invalid_request` denial
+/// whose detail contains `detail` and was the one message dead-lettered,
+/// as `invalid_field`, and returns its dead letter.
+async fn check_rejected_start(harness: &Harness, reply: &Value, detail: &str) -> DeadLetter {
+    assert_eq!(reply["type"], "reservation.denied", "{reply}");
+    assert_eq!(reply["reason"], "invalid_request", "{reply}");
+    assert_eq!(reply["stream_id"], "s-1", "{reply}");
+    let stated = reply["detail"].as_str().unwrap_or_default();
+    assert!(stated.contains(detail), "{reply}");
+
+    let mut letters = harness.take_dead_letters().await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].error.as_deref(), Some("invalid_field"));
+    letters.remove(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settled_stream_start_is_answered() {
     let harness = Harness::start("resettled", |_| {}).await;
@@ -142,15 +159,7 @@ async fn settled_stream_start_is_answered() {
     let again = harness
         .request(&start(user, "s-1", "m-2", ROUND_MODEL, 10, 100), "c-2")
         .await;
-    assert_eq!(again["type"], "reservation.denied", "{again}");
-    assert_eq!(again["reason"], "invalid_request", "{again}");
-    assert_eq!(again["stream_id"], "s-1", "{again}");
-    let detail = again["detail"].as_str().unwrap_or_default();
-    assert!(detail.contains("already settled"), "{again}");
-
-    let letters = harness.take_dead_letters().await;
-    assert_eq!(letters.len(), 1);
-    assert_eq!(letters[0].error.as_deref(), Some("invalid_field"));
+    check_rejected_start(&harness, &again, "already settled").await;
     let account = harness.account(user).await;
     assert_eq!(account.reserved, 0, "the second start holds nothing");
 
@@ -166,16 +175,8 @@ async fn start_with_a_grants_id_is_answered() {
     let reply = harness
         .request(&start(user, "s-1", "shared-id", ROUND_MODEL, 10, 100), "c-1")
         .await;
-    assert_eq!(reply["type"], "reservation.denied", "{reply}");
-    assert_eq!(reply["reason"], "invalid_request", "{reply}");
-    assert_eq!(reply["stream_id"], "s-1", "{reply}");
-    let detail = reply["detail"].as_str().unwrap_or_default();
-    assert!(detail.contains("credits.granted"), "{reply}");
-
-    let letters = harness.take_dead_letters().await;
-    assert_eq!(letters.len(), 1);
-    assert_eq!(letters[0].error.as_deref(), Some("invalid_field"));
-    assert_eq!(letters[0].message_id.as_deref(), Some("shared-id"));
+    let letter = check_rejected_start(&harness, &reply, "credits.granted").await;
+    assert_eq!(letter.message_id.as_deref(), Some("shared-id"));
     let account = harness.account(user).await;
     assert_eq!(account.balance, 1000, "the grant was applied once");
     assert_eq!(account.reserved, 0, "the start holds nothing");

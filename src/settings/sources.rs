@@ -104,8 +104,10 @@ impl SetValues {
     /// number beyond 64 bits, which it would clamp.
     pub(super) fn check_integers(&self) -> Result<(), SettingsError> {
         for (key, set) in &self.values {
-            let beyond_64_bits = set.value.is_f64()
-                && set.value.as_f64().is_some_and(|number| number < i64::MIN as f64 || number > u64::MAX as f64);
+            let beyond_64_bits = set
+                .value
+                .as_f64()
+                .is_some_and(|number| number < i64::MIN as f64 || number > u64::MAX as f64);
             let has_fraction = set.value.as_f64().is_some_and(|number| number.fract() != 0.0);
             let default = key.split('.').try_fold(&self.defaults, |node, part| node.get(part));
             let integer_setting = default.is_some_and(|default| default.is_u64() || default.is_i64());
