@@ -481,38 +481,12 @@ impl Ledger {
             return Ok(self.record_denial(conn, denial, reply_to).await?);
         };
         let price = price.clone();
-        let prompt_tokens = count_prompt(&price, start).min(self.settings.limits.tokens_max);
-        let (max_output_tokens, sized_by) = holds::output_allowance(
-            conn,
-            &self.settings.reservations,
-            &start.user_id,
-            &start.model,
-            start.max_output_tokens,
-            price.max_output_tokens,
-        )
-        .await?;
-        let Ok(requested) = price.cost(TokenUsage {
-            prompt_tokens,
-            cached_prompt_tokens: 0,
-            completion_tokens: max_output_tokens,
-        }) else {
-            // Settings validation keeps every cost within limits in 64
-            // bits, and decoding bounds every token count.
-            unreachable!("a hold within limits.tokens_max fits in 64 bits");
-        };
-
-        let now = batch.now;
-        let allowance = Allowance {
-            prompt_tokens,
-            max_output_tokens,
-            sized_by,
-            reserved: requested,
-        };
+        let allowance = self.allowance(conn, start, &price).await?;
         let Some((body, outgoing)) = self
-            .reserve(conn, start, &price, allowance, now, reply_to)
+            .reserve(conn, start, &price, allowance, Some(batch.now), reply_to)
             .await?
         else {
-            let denial = self.explain_denial(conn, start, requested).await?;
+            let denial = self.explain_denial(conn, start, allowance.reserved).await?;
             return Ok(self.record_denial(conn, denial, reply_to).await?);
         };
         let processed = (start.user_id.clone(), start.message_id.clone());
@@ -522,23 +496,84 @@ impl Ledger {
         Ok((applied, Some(body)))
     }
 
-    /// Takes the hold's credits from the user's available credits when
-    /// they suffice and the user has a free stream slot, inserts the hold,
-    /// stores its grant in the outbox and records the start's message id
-    /// with the grant, all in one statement. Returns
-    /// the grant and where to send it, or `None` when nothing was taken.
+    /// Places the hold of a start in one statement outside any
+    /// transaction, which commits as the statement ends. This is the
+    /// shortest way from a start to its grant. Returns `None`, having
+    /// changed nothing, for a start of an unknown model, a start whose
+    /// message id or stream was seen before, and a start to deny. The
+    /// caller applies those with `apply_batch`.
+    pub async fn start_alone(
+        &self,
+        conn: &mut PgConnection,
+        start: &StreamStarted,
+        reply_to: &ReplyTo,
+    ) -> Result<Option<Applied>, LedgerError> {
+        let Some((_, price)) = self.settings.model(&start.model) else {
+            return Ok(None);
+        };
+        let price = price.clone();
+        let allowance = self.allowance(conn, start, &price).await?;
+        let reserved = self.reserve(conn, start, &price, allowance, None, reply_to).await?;
+        Ok(reserved.map(|(_, outgoing)| Applied {
+            outcome: Outcome::Applied,
+            outgoing,
+        }))
+    }
+
+    /// Counts a start's prompt and sizes its output allowance.
+    async fn allowance(
+        &self,
+        conn: &mut PgConnection,
+        start: &StreamStarted,
+        price: &ModelPrice,
+    ) -> Result<Allowance, LedgerError> {
+        let prompt_tokens = count_prompt(price, start).min(self.settings.limits.tokens_max);
+        let (max_output_tokens, sized_by) = holds::output_allowance(
+            conn,
+            &self.settings.reservations,
+            &start.user_id,
+            &start.model,
+            start.max_output_tokens,
+            price.max_output_tokens,
+        )
+        .await?;
+        let Ok(reserved) = price.cost(TokenUsage {
+            prompt_tokens,
+            cached_prompt_tokens: 0,
+            completion_tokens: max_output_tokens,
+        }) else {
+            // Settings validation keeps every cost within limits in 64
+            // bits, and decoding bounds every token count.
+            unreachable!("a hold within limits.tokens_max fits in 64 bits");
+        };
+        Ok(Allowance {
+            prompt_tokens,
+            max_output_tokens,
+            sized_by,
+            reserved,
+        })
+    }
+
+    /// Places a hold in one statement. The statement takes the hold's
+    /// credits from the user's available credits, inserts the hold, stores
+    /// its grant in the outbox and records the start's message id with the
+    /// grant. It does so only when the credits suffice, the user has a free
+    /// stream slot, and neither the message id nor the stream was seen
+    /// before. The hold opens at `now`, or at the statement's time when
+    /// `now` is `None`. Returns the grant and where to send it, or `None`
+    /// when nothing was taken.
     /// PostgreSQL re-checks the guard after waiting for a concurrent
-    /// writer's row lock, so no race can overdraw.
+    /// writer's row lock, so no race can overdraw. A concurrent insert of
+    /// the same hold or message id fails on its unique key.
     async fn reserve(
         &self,
         conn: &mut PgConnection,
         start: &StreamStarted,
         price: &ModelPrice,
         allowance: Allowance,
-        now: DateTime<Utc>,
+        now: Option<DateTime<Utc>>,
         reply_to: &ReplyTo,
     ) -> Result<Option<(serde_json::Value, Vec<Outgoing>)>, LedgerError> {
-        let ttl = chrono::Duration::seconds(self.settings.reservations.ttl_seconds as i64);
         let grant = ReservationGranted {
             kind: Default::default(),
             event_id: Uuid::now_v7(),
@@ -551,33 +586,40 @@ impl Ledger {
             max_output_tokens: allowance.max_output_tokens,
             // Set by the statement from the debited account.
             available_after: 0,
-            expires_at: now + ttl,
+            expires_at: DateTime::UNIX_EPOCH,
             sized_by: allowance.sized_by,
         };
-        let mut body = serde_json::to_value(&grant).expect("events serialize");
+        let body = serde_json::to_value(&grant).expect("events serialize");
         let outbox = OutboxRows::new("reservation.granted", reply_to);
-        // $1 to $7 are the outbox's, $7 the grant with a placeholder 0 as
-        // available_after, which the statement replaces.
+        // $1 to $7 are the outbox's, $7 the grant with placeholders as
+        // available_after and expires_at, which the statement replaces.
+        // The expiry is written as chrono writes times, to the microsecond.
         let query = concat!(
-            "WITH debit AS (UPDATE accounts \
+            "WITH clock AS (SELECT coalesce($18::timestamptz, now()) AS now), \
+             debit AS (UPDATE accounts \
                  SET reserved = reserved + $15, holds_open = holds_open + 1, updated_at = now() \
                  WHERE user_id = $8 AND balance - reserved >= $15 AND holds_open < $20 \
+                 AND NOT EXISTS (SELECT 1 FROM processed_messages WHERE user_id = $8 AND message_id = $21) \
+                 AND NOT EXISTS (SELECT 1 FROM holds WHERE user_id = $8 AND stream_id = $9) \
                  RETURNING balance - reserved AS available_after), \
-             event AS (SELECT jsonb_set($7::jsonb, '{available_after}', to_jsonb(available_after)) AS body \
-                 FROM debit), \
+             event AS (SELECT jsonb_set(jsonb_set($7::jsonb, '{available_after}', to_jsonb(available_after)), \
+                 '{expires_at}', to_jsonb(to_char((clock.now + $22 * interval '1 second') AT TIME ZONE 'UTC', \
+                 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))) AS body \
+                 FROM debit, clock), \
              hold AS (INSERT INTO holds (reservation_id, user_id, stream_id, model, \
                  input_per_million, output_per_million, cached_input_per_million, encoding, reserved, \
                  initial_reserved, prompt_tokens, max_output_tokens, last_event_at, opened_at, \
                  grant_reply, sized_by) \
-                 SELECT $6, $8, $9, $10, $11, $12, $13, $14, $15, $15, $16, $17, $18, $18, body, $19 \
-                 FROM event), \
+                 SELECT $6, $8, $9, $10, $11, $12, $13, $14, $15, $15, $16, $17, clock.now, clock.now, body, $19 \
+                 FROM event, clock), \
              processed AS (INSERT INTO processed_messages (user_id, message_id, kind, reply) \
                  SELECT $8, $21, 'stream.started', body FROM event), \
              stored AS (",
             outbox_insert!(),
-            ") SELECT stored.outbox_id, stored.destination, debit.available_after FROM stored, debit"
+            ") SELECT stored.outbox_id, stored.destination, event.body FROM stored, event"
         );
-        let rows: Vec<(i64, String, i64)> = outbox
+        let ttl_seconds = i64::try_from(self.settings.reservations.ttl_seconds).unwrap_or(i64::MAX);
+        let rows: Vec<(i64, String, serde_json::Value)> = outbox
             .bind(sqlx::query_as(query), grant.event_id, Some(grant.reservation_id), &body)
             .bind(&start.user_id)
             .bind(&start.stream_id)
@@ -593,13 +635,17 @@ impl Ledger {
             .bind(allowance.sized_by.code())
             .bind(i32::try_from(self.settings.reservations.max_active_per_user).unwrap_or(i32::MAX))
             .bind(&start.message_id)
+            .bind(ttl_seconds)
             .fetch_all(&mut *conn)
             .await?;
-        let Some(&(_, _, available_after)) = rows.first() else {
+        let Some((_, _, body)) = rows.first() else {
             return Ok(None);
         };
-        assert!(available_after >= 0, "a hold never takes available below zero");
-        body["available_after"] = available_after.into();
+        let body = body.clone();
+        assert!(
+            body["available_after"].as_i64().is_some_and(|available| available >= 0),
+            "a hold never takes available below zero"
+        );
         let ids = rows.into_iter().map(|(id, destination, _)| (id, destination)).collect();
         let outgoing = outbox.outgoing(ids, &body);
         Ok(Some((body, outgoing)))
@@ -1454,11 +1500,14 @@ struct OutboxRows {
 }
 
 impl OutboxRows {
+    /// The reply comes first, so that it is sent first: its producer is
+    /// waiting for it.
     fn new(event_type: &'static str, reply_to: &ReplyTo) -> Self {
-        let mut targets = vec![(Destination::Event, event_type.to_owned(), None)];
+        let mut targets = Vec::with_capacity(2);
         if let Some(queue) = &reply_to.queue {
             targets.push((Destination::Reply, queue.clone(), reply_to.correlation_id.clone()));
         }
+        targets.push((Destination::Event, event_type.to_owned(), None));
         Self { event_type, targets }
     }
 

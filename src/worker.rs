@@ -74,6 +74,11 @@ const MARK_QUEUE_MAX: usize = 1_024;
 /// Maximum outbox ids marked in one statement.
 const MARK_ROWS_MAX: usize = 4_096;
 
+/// Time the marker gathers confirmed rows before it marks them, so that
+/// starts that come one at a time share a mark's transaction rather than
+/// each paying one. It must stay far below `RELAY_AGE_SECONDS`.
+const MARK_LINGER: Duration = Duration::from_millis(100);
+
 /// Chunk records one statement of the retention job deletes, so that a
 /// statement holds few row locks and ends well within a second. The job
 /// runs statements until nothing is left to delete.
@@ -841,6 +846,20 @@ impl Shard {
             .filter_map(|item| item.message.as_ref().ok().map(|message| (message, &item.reply_to)))
             .collect();
         let span = info_span!("batch", queue = %self.queue, messages = valid.len());
+        // A start that arrives alone is granted by one statement, which
+        // commits as it ends. A start that the statement does not grant
+        // takes the batch's transaction.
+        if let [(Inbound::StreamStarted(start), reply_to)] = valid.as_slice()
+            && items.len() == 1
+        {
+            let ledger = &self.worker.ledger;
+            let alone = self
+                .on_connection(async |conn| ledger.start_alone(conn, start, reply_to).instrument(span.clone()).await)
+                .await?;
+            if let Some(applied) = alone {
+                return Ok(vec![Some(applied)]);
+            }
+        }
         let mut applied = self
             .in_transaction(async |conn| self.worker.ledger.apply_batch(conn, &valid).instrument(span).await)
             .await?
@@ -855,20 +874,29 @@ impl Shard {
     }
 
     /// Runs `work` in one transaction on a connection from `take_connection`
-    /// and commits. A transaction that has not committed within
-    /// `BATCH_DATABASE_WAIT` fails as retryable, and its connection is closed.
+    /// and commits.
     async fn in_transaction<T>(
         &self,
         work: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, LedgerError>,
     ) -> Result<T, LedgerError> {
-        let mut connection = self.take_connection().await?;
-        let transaction = async {
-            let mut tx = connection.conn.begin().await?;
+        self.on_connection(async |conn| {
+            let mut tx = conn.begin().await?;
             let result = work(&mut tx).await?;
             tx.commit().await?;
-            Ok::<_, LedgerError>(result)
-        };
-        match tokio::time::timeout(BATCH_DATABASE_WAIT, transaction).await {
+            Ok(result)
+        })
+        .await
+    }
+
+    /// Runs `work` on a connection from `take_connection`. Work that has
+    /// not ended within `BATCH_DATABASE_WAIT` fails as retryable, and its
+    /// connection is closed.
+    async fn on_connection<T>(
+        &self,
+        work: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, LedgerError>,
+    ) -> Result<T, LedgerError> {
+        let mut connection = self.take_connection().await?;
+        match tokio::time::timeout(BATCH_DATABASE_WAIT, work(&mut *connection.conn)).await {
             Ok(result) => {
                 let result = result?;
                 self.keep_connection(connection);
@@ -1205,7 +1233,8 @@ impl ToMark {
 }
 
 /// Marks the rows that shards send once the broker has confirmed them,
-/// joining whatever batches are waiting into one statement. After
+/// joining the batches that arrive within `MARK_LINGER` of the first into
+/// one statement. A flush request or `stop` ends the wait at once. After
 /// `stop`, marks what is left and returns.
 async fn mark_in_background(pool: PgPool, mut unmarked: mpsc::Receiver<ToMark>, stop: CancellationToken) {
     loop {
@@ -1217,16 +1246,31 @@ async fn mark_in_background(pool: PgPool, mut unmarked: mpsc::Receiver<ToMark>, 
             },
             () = stop.cancelled() => None,
         };
+        let until = tokio::time::Instant::now() + MARK_LINGER;
         let mut ids = Vec::new();
         let mut flushes = Vec::new();
         let mut next = first.or_else(|| unmarked.try_recv().ok());
-        while let Some(entry) = next.take() {
-            match entry {
-                ToMark::Flush(answer) => flushes.push(answer),
-                published => published.confirmed_ids(&mut ids).await,
+        loop {
+            while let Some(entry) = next.take() {
+                match entry {
+                    ToMark::Flush(answer) => flushes.push(answer),
+                    published => published.confirmed_ids(&mut ids).await,
+                }
+                if ids.len() < MARK_ROWS_MAX {
+                    next = unmarked.try_recv().ok();
+                }
             }
-            if ids.len() < MARK_ROWS_MAX {
-                next = unmarked.try_recv().ok();
+            if !flushes.is_empty() || stop.is_cancelled() || ids.len() >= MARK_ROWS_MAX {
+                break;
+            }
+            next = tokio::select! {
+                biased;
+                () = stop.cancelled() => None,
+                next = unmarked.recv() => next,
+                () = tokio::time::sleep_until(until) => None,
+            };
+            if next.is_none() {
+                break;
             }
         }
         mark_published(&pool, &ids).await;
