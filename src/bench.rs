@@ -84,11 +84,13 @@ pub struct Figures {
     pub throughput_ratios: Vec<f64>,
     pub grant_rtt_p50_ms: f64,
     pub grant_rtt_p99_ms: f64,
+    /// The echo of starts on their own route: the events exchange, the
+    /// hash exchange and a durable quorum shard queue.
     pub echo_rtt_p50_ms: f64,
     pub echo_rtt_p99_ms: f64,
-    /// The echo through a durable quorum queue, as starts travel.
-    pub echo_quorum_rtt_p50_ms: f64,
-    pub echo_quorum_rtt_p99_ms: f64,
+    /// The echo through a transient queue, the broker's shortest route.
+    pub echo_transient_rtt_p50_ms: f64,
+    pub echo_transient_rtt_p99_ms: f64,
     pub db_transactions_per_chunk: f64,
     pub reservations_per_second: f64,
     pub pgbench_tps: f64,
@@ -138,7 +140,7 @@ pub async fn run(settings: Arc<Settings>, args: BenchArgs) -> Result<(), Failure
     topology::declare(&channel, &worker_settings.topology)
         .await
         .map_err(Failure::from)?;
-    let mut worker = ChildWorker::start(&worker_settings).await?;
+    let mut worker = ChildWorker::start(&worker_settings, "run").await?;
     worker.wait_until_consuming(&connection, &names, worker_settings.topology.shards).await?;
     fund(&channel, &names, &run_id, args.users).await?;
     let ceiling_prefix = format!("bench-{run_id}-ceiling");
@@ -183,16 +185,10 @@ pub async fn run(settings: Arc<Settings>, args: BenchArgs) -> Result<(), Failure
 
     progress.set_message("grant round trip");
     settle_database(&pool).await?;
-    let (grant_p50, grant_p99) = grant_rtt(&connection, &names, &run_id, &args).await?;
-    let (echo_p50, echo_p99) = echo_rtt(&connection, &args, None).await?;
-    let echo_queue = format!("bench-{run_id}-echo");
-    let (echo_quorum_p50, echo_quorum_p99) = echo_rtt(&connection, &args, Some(&echo_queue)).await?;
-    figures.echo_quorum_rtt_p50_ms = echo_quorum_p50;
-    figures.echo_quorum_rtt_p99_ms = echo_quorum_p99;
-    figures.grant_rtt_p50_ms = grant_p50;
-    figures.grant_rtt_p99_ms = grant_p99;
-    figures.echo_rtt_p50_ms = echo_p50;
-    figures.echo_rtt_p99_ms = echo_p99;
+    (figures.grant_rtt_p50_ms, figures.grant_rtt_p99_ms) = grant_rtt(&connection, &names, &run_id, &args).await?;
+    let ceiling = with_prefix(&settings, &ceiling_prefix);
+    (figures.echo_rtt_p50_ms, figures.echo_rtt_p99_ms) = echo_rtt(&connection, &ceiling, &run_id, &args).await?;
+    (figures.echo_transient_rtt_p50_ms, figures.echo_transient_rtt_p99_ms) = transient_echo_rtt(&connection, &args).await?;
     progress.inc(1);
 
     progress.set_message("reservations and pgbench");
@@ -522,54 +518,74 @@ async fn grant_rtt(connection: &Connection, names: &Names, run_id: &str, args: &
     timed_requests(connection, &names.events, &bodies, args.grant_rate).await
 }
 
-/// Round trip through the same broker to a responder that replies at once:
-/// through a server-named transient queue, or through the durable quorum
-/// queue `quorum`, which the broker writes to disk as it does shard queues.
-async fn echo_rtt(connection: &Connection, args: &BenchArgs, quorum: Option<&str>) -> Result<(f64, f64), Failure> {
+/// Replies at once to every message on the shard queues of the topology
+/// of `settings`, to its `reply_to`, and never touches the database. It
+/// takes messages with the worker's prefetch and acknowledges each after
+/// its reply, as the worker does. The benchmark runs it in a process of
+/// its own, as it runs the worker, so that the two round trips differ
+/// only by the worker's work. Returns when the broker connection ends.
+pub async fn serve_echo(settings: Arc<Settings>) -> Result<(), Failure> {
+    let connection = broker::connect(&settings.amqp, "stream-credits echo").await?;
     let channel = connection.create_channel().await?;
-    let queue = match quorum {
-        None => {
-            let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
-            channel.queue_declare("".into(), options, FieldTable::default()).await?
-        }
-        Some(name) => {
-            let mut arguments = FieldTable::default();
-            arguments.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString("quorum".into()));
-            let options = QueueDeclareOptions { durable: true, ..Default::default() };
-            channel.queue_declare(name.into(), options, arguments).await?
-        }
-    };
-    let mut requests = channel
-        .basic_consume(queue.name().clone(), "".into(), BasicConsumeOptions { no_ack: true, ..Default::default() }, FieldTable::default())
-        .await?;
-    let responder_channel = channel.clone();
-    let responder = tokio::spawn(async move {
-        while let Some(Ok(delivery)) = requests.next().await {
-            let Some(reply_to) = delivery.properties.reply_to().clone() else { continue };
+    let names = topology::declare(&channel, &settings.topology).await.map_err(Failure::from)?;
+    let mut responders = tokio::task::JoinSet::new();
+    for index in 0..settings.topology.shards {
+        let channel = connection.create_channel().await?;
+        channel.basic_qos(settings.amqp.prefetch, BasicQosOptions::default()).await?;
+        let requests = channel
+            .basic_consume(names.shard(index).as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await?;
+        responders.spawn(send_replies(channel, requests, true));
+    }
+    responders.join_all().await;
+    Ok(())
+}
+
+/// Sends each request's body back to its `reply_to` with its correlation
+/// id, and acknowledges the request after its reply when `acked`.
+async fn send_replies(channel: Channel, mut requests: lapin::Consumer, acked: bool) {
+    while let Some(Ok(delivery)) = requests.next().await {
+        if let Some(reply_to) = delivery.properties.reply_to().clone() {
             let mut properties = BasicProperties::default();
             if let Some(correlation_id) = delivery.properties.correlation_id().clone() {
                 properties = properties.with_correlation_id(correlation_id);
             }
-            let _ = responder_channel
+            let _ = channel
                 .basic_publish("".into(), reply_to, BasicPublishOptions::default(), &delivery.data, properties)
                 .await;
         }
-    });
-    let count = (args.grant_rate * args.grant_seconds) as usize;
-    let bodies: Vec<Outbound> = (0..count)
-        .map(|_| Outbound { routing_key: queue.name().as_str().to_owned(), body: b"{}".to_vec() })
-        .collect();
-    let result = timed_requests(connection, "", &bodies, args.grant_rate).await;
-    responder.abort();
-    // The queue goes only after its consumer's channel: RabbitMQ 3.10
-    // closes the whole connection when a consumer of a deleted quorum queue
-    // is cancelled.
-    let _ = channel.close(200, "echo done".into()).await;
-    if let Some(name) = quorum {
-        let cleanup = connection.create_channel().await?;
-        let _ = cleanup.queue_delete(name.into(), QueueDeleteOptions::default()).await;
-        let _ = cleanup.close(200, "echo queue deleted".into()).await;
+        if acked {
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+        }
     }
+}
+
+/// Round trip of starts on their own route, through the topology of
+/// `settings`, to `serve_echo` in a process of its own.
+async fn echo_rtt(connection: &Connection, settings: &Settings, run_id: &str, args: &BenchArgs) -> Result<(f64, f64), Failure> {
+    let names = Names::new(&settings.topology.prefix);
+    let mut echo = ChildWorker::start(settings, "echo-responder").await?;
+    echo.wait_until_consuming(connection, &names, settings.topology.shards).await?;
+    let count = (args.grant_rate * args.grant_seconds) as usize;
+    let result = timed_requests(connection, &names.events, &start_messages(run_id, "echo", count), args.grant_rate).await;
+    echo.stop().await;
+    result
+}
+
+/// Round trip through a server-named transient queue to a responder in
+/// this process: the broker's shortest route.
+async fn transient_echo_rtt(connection: &Connection, args: &BenchArgs) -> Result<(f64, f64), Failure> {
+    let channel = connection.create_channel().await?;
+    let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+    let queue = channel.queue_declare("".into(), options, FieldTable::default()).await?;
+    let no_ack = BasicConsumeOptions { no_ack: true, ..Default::default() };
+    let requests = channel.basic_consume(queue.name().clone(), "".into(), no_ack, FieldTable::default()).await?;
+    let responder = tokio::spawn(send_replies(channel.clone(), requests, false));
+    let count = (args.grant_rate * args.grant_seconds) as usize;
+    let body = Outbound { routing_key: queue.name().as_str().to_owned(), body: b"{}".to_vec() };
+    let result = timed_requests(connection, "", &vec![body; count], args.grant_rate).await;
+    responder.abort();
+    let _ = channel.close(200, "echo done".into()).await;
     result
 }
 
@@ -780,11 +796,12 @@ impl Drop for SettingsFile {
 }
 
 impl ChildWorker {
-    async fn start(settings: &Settings) -> Result<Self, Failure> {
+    /// Starts `stream-credits` `subcommand` with `settings`.
+    async fn start(settings: &Settings, subcommand: &str) -> Result<Self, Failure> {
         let settings_file = SettingsFile::write(settings)?;
         let program = std::env::current_exe().context("cannot find this program to start the worker")?;
         let mut command = tokio::process::Command::new(program);
-        command.arg("--config").arg(&settings_file.path).arg("run");
+        command.arg("--config").arg(&settings_file.path).arg(subcommand);
         // The file contains every setting, and a variable of the
         // benchmark's environment would point the worker elsewhere.
         for (key, _) in std::env::vars_os() {
@@ -916,8 +933,12 @@ fn print_figures(figures: &Figures, curve: &[(usize, f64)], args: &BenchArgs) {
         ),
         ("grant round trip p50, ms", format!("{:.2}", figures.grant_rtt_p50_ms), format!("≤ 1.5 × echo ({:.2})", 1.5 * figures.echo_rtt_p50_ms)),
         ("grant round trip p99, ms", format!("{:.2}", figures.grant_rtt_p99_ms), format!("≤ 10 at {} starts/s", args.grant_rate)),
-        ("echo round trip p50 / p99, ms", format!("{:.2} / {:.2}", figures.echo_rtt_p50_ms, figures.echo_rtt_p99_ms), String::new()),
-        ("echo through a quorum queue p50 / p99, ms", format!("{:.2} / {:.2}", figures.echo_quorum_rtt_p50_ms, figures.echo_quorum_rtt_p99_ms), String::new()),
+        ("echo of starts on their route p50 / p99, ms", format!("{:.2} / {:.2}", figures.echo_rtt_p50_ms, figures.echo_rtt_p99_ms), String::new()),
+        (
+            "echo through a transient queue p50 / p99, ms",
+            format!("{:.2} / {:.2}", figures.echo_transient_rtt_p50_ms, figures.echo_transient_rtt_p99_ms),
+            String::new(),
+        ),
         ("database transactions per chunk", format!("{:.4}", figures.db_transactions_per_chunk), "≤ 0.05".to_owned()),
         ("reservations/s at saturation", format!("{:.0}", figures.reservations_per_second), format!("≥ pgbench ({:.0})", figures.pgbench_tps)),
         ("pgbench tps, same transaction", format!("{:.0}", figures.pgbench_tps), String::new()),
@@ -937,7 +958,7 @@ fn print_figures(figures: &Figures, curve: &[(usize, f64)], args: &BenchArgs) {
         "grant_rtt_p50_ms": figures.grant_rtt_p50_ms,
         "grant_rtt_p99_ms": figures.grant_rtt_p99_ms,
         "echo_rtt_p50_ms": figures.echo_rtt_p50_ms,
-        "echo_quorum_rtt_p50_ms": figures.echo_quorum_rtt_p50_ms,
+        "echo_transient_rtt_p50_ms": figures.echo_transient_rtt_p50_ms,
         "db_transactions_per_chunk": figures.db_transactions_per_chunk,
         "reservations_per_second": figures.reservations_per_second,
         "pgbench_tps": figures.pgbench_tps,

@@ -57,6 +57,10 @@ pub enum Command {
     /// letters; exit 1 when an invariant is broken or the broker is
     /// unreachable.
     Report(report::ReportArgs),
+    /// Reply at once to every message on the shard queues, without the
+    /// database. The benchmark runs this as its echo responder.
+    #[command(hide = true)]
+    EchoResponder,
 }
 
 /// Account commands.
@@ -193,6 +197,7 @@ pub async fn execute(command: Command, settings: Arc<Settings>) -> Result<(), Fa
         Command::Account(AccountCommand::Show(args)) => show(settings, args).await,
         Command::Dlq(command) => dlq::execute(settings, command).await,
         Command::Report(args) => report::run(settings, args).await,
+        Command::EchoResponder => bench::serve_echo(settings).await,
     }
 }
 
