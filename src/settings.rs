@@ -576,7 +576,7 @@ impl Settings {
         let mut model_layers = Vec::new();
         let mut set_values = SetValues::new();
         if let Some(path) = path {
-            let (table, models) = read_toml(path)?;
+            let (table, models) = read_toml(path, &mut set_values)?;
             set_values.add_file(path, &table)?;
             let rest = toml::to_string(&table).map_err(|error| {
                 SettingsError::invalid(path.display().to_string(), error.to_string())
@@ -589,7 +589,7 @@ impl Settings {
             .into_iter()
             .filter(|(key, _)| key.starts_with(ENV_PREFIX))
             .partition(|(key, _)| key.to_ascii_uppercase().starts_with(MODEL_ENV_PREFIX));
-        model_layers.push(models_from_env(model_vars)?);
+        model_layers.push(models_from_env(model_vars, &mut set_values)?);
         set_values.add_env(&vars)?;
         set_values.check_integers()?;
         let environment = config::Environment::with_prefix(ENV_PREFIX)
@@ -648,8 +648,9 @@ impl Settings {
         Ok(())
     }
 
-    fn validate_counts(&self) -> Result<(), SettingsError> {
-        let positive: [(&str, u64); 10] = [
+    /// The counts that must be greater than zero, by key, with their values.
+    pub(crate) fn positive_counts(&self) -> [(&'static str, u64); 10] {
+        [
             (
                 "database.max_connections",
                 self.database.max_connections.into(),
@@ -678,8 +679,11 @@ impl Settings {
                 "worker.batches_in_flight",
                 self.worker.batches_in_flight as u64,
             ),
-        ];
-        for (key, value) in positive {
+        ]
+    }
+
+    fn validate_counts(&self) -> Result<(), SettingsError> {
+        for (key, value) in self.positive_counts() {
             if value == 0 {
                 return Err(SettingsError::invalid(key, "must be greater than zero"));
             }
@@ -849,7 +853,12 @@ impl Settings {
 
 /// Reads a TOML settings file, returning it without its `models` table
 /// and the model overrides from that table.
-fn read_toml(path: &Path) -> Result<(toml::Table, BTreeMap<String, ModelOverride>), SettingsError> {
+/// Reads a settings file, and returns its tables without `models` and its
+/// model price overrides, recording where each price field was set.
+fn read_toml(
+    path: &Path,
+    set_values: &mut SetValues,
+) -> Result<(toml::Table, BTreeMap<String, ModelOverride>), SettingsError> {
     let text = std::fs::read_to_string(path)
         .map_err(|error| SettingsError::invalid(path.display().to_string(), error.to_string()))?;
     let mut table: toml::Table = text
@@ -861,6 +870,7 @@ fn read_toml(path: &Path) -> Result<(toml::Table, BTreeMap<String, ModelOverride
             .into_iter()
             .map(|(name, value)| {
                 let key = format!("models.{name}");
+                set_values.add_file_model(path, &name, &value);
                 let parsed = ModelOverride::deserialize(value)
                     .map_err(|error| SettingsError::invalid(&key, error.message().to_owned()))?;
                 Ok((name.to_ascii_lowercase(), parsed))
@@ -887,6 +897,7 @@ fn toml_syntax_error(path: &Path, text: &str, error: &toml::de::Error) -> Settin
 /// Reads `STREAM_CREDITS__MODELS__<NAME>__<FIELD>` variables.
 fn models_from_env(
     vars: Vec<(String, String)>,
+    set_values: &mut SetValues,
 ) -> Result<BTreeMap<String, ModelOverride>, SettingsError> {
     let mut models: BTreeMap<String, ModelOverride> = BTreeMap::new();
     for (key, value) in vars {
@@ -900,6 +911,7 @@ fn models_from_env(
         let name = name.to_ascii_lowercase();
         let field = field.to_ascii_lowercase();
         let setting = format!("models.{name}.{field}");
+        set_values.add_model_field(&setting, &value, &format!("environment variable {key}"));
         let entry = models.entry(name).or_default();
         let integer = |value: &str| {
             value.trim().parse::<i64>().map_err(|_| {
@@ -1062,6 +1074,9 @@ mod tests {
         let settings = Settings::load_unvalidated(Some(&path), Vec::new()).unwrap();
         let text = settings.validate().unwrap_err().to_string();
         assert!(text.contains("models.gpt-4o.input_per_million"), "{text}");
+        let text = Settings::load_from(Some(&path), Vec::new()).unwrap_err().to_string();
+        assert!(text.contains("models.gpt-4o.input_per_million"), "{text}");
+        assert!(text.contains(&path.display().to_string()), "{text}");
     }
 
     #[test]
@@ -1226,6 +1241,20 @@ mod tests {
     fn negative_price_names_the_key() {
         let text = error_text(&[("STREAM_CREDITS__MODELS__GPT-4O__OUTPUT_PER_MILLION", "-1")]);
         assert!(text.contains("models.gpt-4o.output_per_million"), "{text}");
+        assert!(
+            text.contains("environment variable STREAM_CREDITS__MODELS__GPT-4O__OUTPUT_PER_MILLION"),
+            "{text}"
+        );
+        assert!(text.contains("`-1`"), "{text}");
+    }
+
+    #[test]
+    fn empty_count_names_range_from_one() {
+        let text = error_text(&[("STREAM_CREDITS__TOPOLOGY__SHARDS", "")]);
+        assert!(text.contains("topology.shards"), "{text}");
+        assert!(text.contains("an integer from 1 to 65535"), "{text}");
+        let text = error_text(&[("STREAM_CREDITS__RETENTION__INTERVAL_SECONDS", "x")]);
+        assert!(text.contains("an integer of 0 or more"), "{text}");
     }
 
     #[test]

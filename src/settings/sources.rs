@@ -52,14 +52,37 @@ impl SetValues {
         collect_leaves(String::new(), table, &mut leaves);
         for (key, value) in leaves {
             self.check_key(&key, &origin)?;
-            let text = match &value {
-                toml::Value::String(text) => text.clone(),
-                other => other.to_string(),
-            };
-            let value = serde_json::to_value(&value).unwrap_or(Value::Null);
-            self.insert(key, value, text, &origin);
+            self.insert_toml(key, &value, &origin);
         }
         Ok(())
+    }
+
+    /// Records the fields of one model of a settings file's `models` table,
+    /// so that a rejected price names the file.
+    pub(super) fn add_file_model(&mut self, path: &Path, name: &str, fields: &toml::Value) {
+        let Some(fields) = fields.as_table() else {
+            return;
+        };
+        let origin = path.display().to_string();
+        for (field, value) in fields {
+            let key = format!("models.{}.{field}", name.to_ascii_lowercase());
+            self.insert_toml(key, value, &origin);
+        }
+    }
+
+    /// Records a model price field set by a variable, so that a rejected
+    /// price names the variable.
+    pub(super) fn add_model_field(&mut self, key: &str, text: &str, origin: &str) {
+        self.insert(key.to_owned(), parse_scalar(text), text.to_owned(), origin);
+    }
+
+    fn insert_toml(&mut self, key: String, value: &toml::Value, origin: &str) {
+        let text = match value {
+            toml::Value::String(text) => text.clone(),
+            other => other.to_string(),
+        };
+        let value = serde_json::to_value(value).unwrap_or(Value::Null);
+        self.insert(key, value, text, origin);
     }
 
     /// Records `STREAM_CREDITS__SECTION__KEY` variables other than model
@@ -211,7 +234,8 @@ impl SetValues {
         *slot = value.clone();
         let message = serde_json::from_value::<Settings>(tree).err()?.to_string();
         let (_, expected) = message.rsplit_once(", expected ")?;
-        Some(describe_type(expected).to_owned())
+        let positive = Settings::default().positive_counts().iter().any(|(name, _)| *name == key);
+        Some(describe_type(expected, positive).to_owned())
     }
 }
 
@@ -268,13 +292,17 @@ fn unknown_key(key: &str, origin: &str, section: &str, node: &Value) -> Settings
 }
 
 /// Replaces the Rust type names that serde puts in its messages with
-/// words an operator reads without knowing Rust.
-fn describe_type(expected: &str) -> &str {
-    match expected {
-        "u16" => "an integer from 0 to 65535",
-        "u32" => "an integer from 0 to 4294967295",
-        "u64" | "usize" => "an integer of 0 or more",
-        "i64" => "an integer",
-        other => other,
+/// words an operator reads without knowing Rust. A `positive` setting
+/// must also be greater than zero.
+fn describe_type(expected: &str, positive: bool) -> &str {
+    match (expected, positive) {
+        ("u16", false) => "an integer from 0 to 65535",
+        ("u16", true) => "an integer from 1 to 65535",
+        ("u32", false) => "an integer from 0 to 4294967295",
+        ("u32", true) => "an integer from 1 to 4294967295",
+        ("u64" | "usize", false) => "an integer of 0 or more",
+        ("u64" | "usize", true) => "an integer of 1 or more",
+        ("i64", _) => "an integer",
+        (other, _) => other,
     }
 }
