@@ -59,9 +59,22 @@ impl DbError {
 /// the network stopped carrying mid-transaction then releases its row
 /// locks, which the transaction's retry on a new connection waits for.
 pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, DbError> {
+    pool_with(settings, &[])
+}
+
+/// Opens a pool like [`pool`] whose server cancels any statement that
+/// runs longer than `statement_timeout`. Migrations need no such limit,
+/// so the worker opens this pool only after they have run.
+pub fn worker_pool(settings: &DatabaseSettings, statement_timeout: Duration) -> Result<PgPool, DbError> {
+    let milliseconds = format!("{}ms", statement_timeout.as_millis());
+    pool_with(settings, &[("statement_timeout", &milliseconds)])
+}
+
+fn pool_with(settings: &DatabaseSettings, parameters: &[(&str, &str)]) -> Result<PgPool, DbError> {
     let options = PgConnectOptions::from_str(settings.url.expose())
         .map_err(|source| connect_error(settings.url.redacted(), source))?
-        .options([("idle_in_transaction_session_timeout", "60s")]);
+        .options([("idle_in_transaction_session_timeout", "60s")])
+        .options(parameters.iter().copied());
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_secs(settings.acquire_timeout_seconds))

@@ -69,14 +69,16 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
             // Class 08: connection exception. 40001 and 40P01: serialization
-            // failure and deadlock. 57P0x: server shutting down or starting.
+            // failure and deadlock. 57014: statement cancelled, by the
+            // worker's statement timeout or by an operator.
+            // 57P0x: server shutting down or starting.
             // 53300: too many connections. 23505 on the processed-message
             // key: another worker applied the same message concurrently,
             // and the retry will see it as a duplicate.
             code.starts_with("08")
                 || matches!(
                     code.as_ref(),
-                    "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300"
+                    "40001" | "40P01" | "57014" | "57P01" | "57P02" | "57P03" | "53300"
                 )
                 || (code == "23505" && db.constraint() == Some("processed_messages_pkey"))
         }

@@ -111,6 +111,12 @@ const KEPT_IDLE_MAX: Duration = Duration::from_secs(30);
 /// many minutes.
 const BATCH_DATABASE_WAIT: Duration = Duration::from_secs(10);
 
+/// Limit the server puts on each statement of the worker, below
+/// `BATCH_DATABASE_WAIT`. A lone start's statement commits by itself, so
+/// one that the worker gave up on must be cancelled by the server rather
+/// than commit later, when its grant and expiry would be stale.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(9);
+
 /// Maximum pause between attempts at a batch while shutdown waits for the
 /// database, so that its return is noticed soon.
 const STOPPING_RETRY_DELAY_MAX: Duration = Duration::from_millis(500);
@@ -161,10 +167,12 @@ pub async fn run(settings: Arc<Settings>, shutdown: CancellationToken) -> Result
     if let Ok(listen) = settings.http.listen.parse() {
         serve_http(&settings, listen, broker_connected.clone(), shutdown.clone())?;
     }
-    let pool = tokio::select! {
+    let migrated = tokio::select! {
         pool = prepare_database(&settings) => pool?,
         () = shutdown.cancelled() => return Ok(()),
     };
+    migrated.close().await;
+    let pool = db::worker_pool(&settings.database, STATEMENT_TIMEOUT).map_err(WorkerError::Database)?;
     let (marks, unmarked) = mpsc::channel(MARK_QUEUE_MAX);
     let marker_stop = CancellationToken::new();
     let marker = tokio::spawn(mark_in_background(pool.clone(), unmarked, marker_stop.clone()));
@@ -808,14 +816,14 @@ impl Shard {
             let pause = pauses.next().unwrap_or(RETRY_DELAY_MAX);
             metrics::counter!("stream_credits_database_errors_total").increment(1);
             if !self.stop.is_cancelled() {
-                warn!(%error, ?pause, queue = %self.queue, "database unavailable or transaction in conflict, batch will be retried");
+                warn!(%error, ?pause, queue = %self.queue, "database unavailable, statement cancelled or transaction in conflict, batch will be retried");
                 tokio::select! {
                     () = tokio::time::sleep(pause) => continue,
                     () = self.stop.cancelled() => {}
                 }
             }
             let Some(pause) = self.pause_while_stopping(pause) else {
-                warn!(%error, queue = %self.queue, "stopping with the database unavailable, batch returned to the queue unapplied");
+                warn!(%error, queue = %self.queue, "shard consumer stopping with the database unavailable, batch returned to the queue unapplied");
                 return None;
             };
             if !waiting_to_stop {

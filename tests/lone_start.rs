@@ -35,6 +35,18 @@ fn reply_to(correlation_id: &str) -> ReplyTo {
     }
 }
 
+fn expires_at(grant: &Value) -> DateTime<Utc> {
+    grant["expires_at"]
+        .as_str()
+        .expect("expires_at is text")
+        .parse()
+        .expect("expires_at is RFC 3339")
+}
+
+fn ttl(harness: &Harness) -> chrono::Duration {
+    chrono::Duration::seconds(harness.settings.reservations.ttl_seconds as i64)
+}
+
 /// Everything a start can change: the account and the rows of holds,
 /// processed messages and the outbox.
 async fn snapshot(harness: &Harness) -> (i64, i64, i32, i64, i64, i64) {
@@ -114,13 +126,7 @@ async fn lone_start_is_granted_by_one_statement() {
     // The hold expires ttl_seconds after it opened, on the database clock.
     let opened_at: DateTime<Utc> = hold.get("opened_at");
     assert_eq!(hold.get::<DateTime<Utc>, _>("last_event_at"), opened_at);
-    let expires_at: DateTime<Utc> = body["expires_at"]
-        .as_str()
-        .expect("expires_at is text")
-        .parse()
-        .expect("expires_at is RFC 3339");
-    let ttl = chrono::Duration::seconds(harness.settings.reservations.ttl_seconds as i64);
-    assert_eq!(expires_at, opened_at + ttl, "{body}");
+    assert_eq!(expires_at(body), opened_at + ttl(&harness), "{body}");
     harness.finish().await;
 }
 
@@ -155,5 +161,58 @@ async fn lone_start_leaves_what_it_cannot_grant_unchanged() {
         drop(conn);
         assert_eq!(snapshot(&harness).await, before, "{case}: something changed");
     }
+    harness.finish().await;
+}
+
+/// Longer than the worker's 10-second wait for a batch, so the worker
+/// gives up on its first attempt while the account stays locked.
+const LOCK_HELD: std::time::Duration = std::time::Duration::from_secs(15);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lone_start_behind_long_lock_opens_fresh() {
+    let harness = Harness::start("lone_lock", |_| {}).await;
+    harness.fund(USER, "g-1", 1_000).await;
+    harness.barrier(USER).await;
+
+    // Another session holds the account's row lock, so the statement that
+    // places the hold waits for it.
+    let mut locker = harness.lock_account(USER).await;
+    harness
+        .publish_all(&[common::Outbound::request(
+            &start(USER, "s-1", "m-1", "gpt-4o-mini", 10, 100),
+            "c-1",
+        )])
+        .await;
+    tokio::time::sleep(LOCK_HELD).await;
+    let released_at: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&mut *locker)
+        .await
+        .expect("the clock reads");
+    locker.commit().await.expect("the lock is released");
+
+    let reply = harness.reply("c-1").await;
+    assert_eq!(reply["type"], "reservation.granted", "{reply}");
+    let hold = sqlx::query("SELECT opened_at, reservation_id FROM holds WHERE user_id = $1")
+        .bind(USER)
+        .fetch_all(&harness.pool)
+        .await
+        .expect("holds read");
+    assert_eq!(hold.len(), 1, "one hold for the stream");
+    let reservation_id: uuid::Uuid = hold[0].get("reservation_id");
+    assert_eq!(reply["reservation_id"], reservation_id.to_string(), "{reply}");
+
+    // The server cancels a statement after 9 seconds, so the statement
+    // that placed the hold started at most that long before the lock was
+    // released. A statement left running by a worker that gave up would
+    // have opened the hold when the start arrived, 15 seconds earlier.
+    let opened_at: DateTime<Utc> = hold[0].get("opened_at");
+    let staleness = released_at - opened_at;
+    assert!(
+        staleness < chrono::Duration::seconds(10),
+        "the hold opened {staleness} before the lock was released"
+    );
+    assert_eq!(expires_at(&reply), opened_at + ttl(&harness), "{reply}");
+    assert_eq!(harness.account(USER).await.reserved, HOLD_COST);
+    assert!(harness.peek_dead_letters().await.is_empty(), "nothing is dead-lettered");
     harness.finish().await;
 }

@@ -14,18 +14,6 @@ const RESERVED: i64 = 210;
 /// deliveries while the first is in flight.
 const LINGER: Duration = Duration::from_millis(1_000);
 
-/// Locks `user_id`'s account row in a transaction of the test, so that a
-/// worker batch that writes the row waits until the transaction ends.
-async fn lock_account(harness: &Harness, user_id: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
-    let mut lock = harness.pool.begin().await.expect("begin");
-    sqlx::query("SELECT balance FROM accounts WHERE user_id = $1 FOR UPDATE")
-        .bind(user_id)
-        .execute(&mut *lock)
-        .await
-        .expect("lock the account row");
-    lock
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocked_user_does_not_hold_up_another() {
     let harness = Harness::start("sidebyside", |settings| {
@@ -39,7 +27,7 @@ async fn blocked_user_does_not_hold_up_another() {
 
     // The test locks the blocked user's account row, so the worker's
     // batch that tops that user up waits on the lock.
-    let lock = lock_account(&harness, blocked).await;
+    let lock = harness.lock_account(blocked).await;
 
     harness
         .publish_all(&[
@@ -90,7 +78,7 @@ async fn in_flight_batch_finishes_while_next_waits() {
     harness.fund(blocked, "g-0", 1000).await;
     harness.fund(free, "g-0", 1000).await;
 
-    let lock = lock_account(&harness, blocked).await;
+    let lock = harness.lock_account(blocked).await;
 
     // The start requests a reply, so its batch is applied at once and
     // waits on the lock.

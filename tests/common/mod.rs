@@ -870,6 +870,18 @@ impl Harness {
             .expect("clear the fault plan");
     }
 
+    /// Locks `user_id`'s account row in a transaction of the test, so that a
+    /// worker batch that writes the row waits until the transaction ends.
+    pub async fn lock_account(&self, user_id: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut lock = self.pool.begin().await.expect("begin");
+        sqlx::query("SELECT balance FROM accounts WHERE user_id = $1 FOR UPDATE")
+            .bind(user_id)
+            .execute(&mut *lock)
+            .await
+            .expect("lock the account row");
+        lock
+    }
+
     /// Reads an account and panics when the user has none.
     pub async fn account(&self, user_id: &str) -> AccountView {
         let mut conn = self.pool.acquire().await.expect("acquire a connection");
