@@ -285,6 +285,14 @@ impl Hold {
     }
 }
 
+/// A start's price and the allowance of its hold, from
+/// [`Ledger::size_start`].
+#[derive(Debug, Clone)]
+pub struct SizedStart {
+    price: ModelPrice,
+    allowance: Allowance,
+}
+
 /// The output allowance of a new hold and what it costs.
 #[derive(Debug, Clone, Copy)]
 struct Allowance {
@@ -498,24 +506,39 @@ impl Ledger {
         Ok((applied, Some(body)))
     }
 
-    /// Places the hold of a start in one statement outside any
-    /// transaction, which commits as the statement ends. This is the
-    /// shortest way from a start to its grant. Returns `None`, having
-    /// changed nothing, for a start of an unknown model, a start whose
-    /// message id or stream was seen before, and a start to deny. The
-    /// caller applies those with `apply_batch`.
-    pub async fn start_alone(
+    /// Prices and sizes a start for [`Ledger::start_alone`], reading the
+    /// completions of recent holds when the start's allowance is sized
+    /// from history. Changes nothing. Returns `None` for a start of an
+    /// unknown model.
+    pub async fn size_start(
         &self,
         conn: &mut PgConnection,
         start: &StreamStarted,
-        reply_to: &ReplyTo,
-    ) -> Result<Option<Applied>, LedgerError> {
+    ) -> Result<Option<SizedStart>, LedgerError> {
         let Some((_, price)) = self.settings.model(&start.model) else {
             return Ok(None);
         };
         let price = price.clone();
         let allowance = self.allowance(conn, start, &price).await?;
-        let reserved = self.reserve(conn, start, &price, allowance, None, reply_to).await?;
+        Ok(Some(SizedStart { price, allowance }))
+    }
+
+    /// Places the hold of a start sized by [`Ledger::size_start`] in one
+    /// statement outside any transaction, which commits as the statement
+    /// ends. This is the shortest way from a start to its grant. Returns
+    /// `None`, having changed nothing, for a start whose message id or
+    /// stream was seen before and for a start to deny. The caller applies
+    /// those with `apply_batch`.
+    pub async fn start_alone(
+        &self,
+        conn: &mut PgConnection,
+        start: &StreamStarted,
+        sized: &SizedStart,
+        reply_to: &ReplyTo,
+    ) -> Result<Option<Applied>, LedgerError> {
+        let reserved = self
+            .reserve(conn, start, &sized.price, sized.allowance, None, reply_to)
+            .await?;
         Ok(reserved.map(|(_, outgoing)| Applied {
             outcome: Outcome::Applied,
             outgoing,

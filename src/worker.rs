@@ -112,9 +112,10 @@ const KEPT_IDLE_MAX: Duration = Duration::from_secs(30);
 const BATCH_DATABASE_WAIT: Duration = Duration::from_secs(10);
 
 /// Limit the server puts on each statement of the worker, below
-/// `BATCH_DATABASE_WAIT`. A lone start's statement commits by itself, so
-/// one that the worker gave up on must be cancelled by the server rather
-/// than commit later, when its grant and expiry would be stale.
+/// `BATCH_DATABASE_WAIT`. A lone start's statement commits by itself and
+/// runs alone within such a wait, so the server cancels it before the
+/// worker gives up on it. Abandoned, it could commit later, when its grant
+/// and expiry would be stale.
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(9);
 
 /// Maximum pause between attempts at a batch while shutdown waits for the
@@ -856,16 +857,26 @@ impl Shard {
         let span = info_span!("batch", queue = %self.queue, messages = valid.len());
         // A start that arrives alone is granted by one statement, which
         // commits as it ends. A start that the statement does not grant
-        // takes the batch's transaction.
+        // takes the batch's transaction. The statement gets a wait of its
+        // own, after the reads that size the hold, so the server's
+        // statement timeout, shorter than the wait, cancels it before the
+        // worker gives up on it: abandoned, it could still commit.
         if let [(Inbound::StreamStarted(start), reply_to)] = valid.as_slice()
             && items.len() == 1
         {
             let ledger = &self.worker.ledger;
-            let alone = self
-                .on_connection(async |conn| ledger.start_alone(conn, start, reply_to).instrument(span.clone()).await)
+            let sized = self
+                .on_connection(async |conn| ledger.size_start(conn, start).instrument(span.clone()).await)
                 .await?;
-            if let Some(applied) = alone {
-                return Ok(vec![Some(applied)]);
+            if let Some(sized) = sized {
+                let alone = self
+                    .on_connection(async |conn| {
+                        ledger.start_alone(conn, start, &sized, reply_to).instrument(span.clone()).await
+                    })
+                    .await?;
+                if let Some(applied) = alone {
+                    return Ok(vec![Some(applied)]);
+                }
             }
         }
         let mut applied = self

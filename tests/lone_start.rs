@@ -82,8 +82,14 @@ async fn lone_start_is_granted_by_one_statement() {
 
     let message = decoded(&harness, &start(USER, "s-1", "m-1", "gpt-4o-mini", 10, 100));
     let mut conn = harness.pool.acquire().await.expect("a connection");
+    let stream_start = as_start(&message);
+    let sized = ledger
+        .size_start(&mut conn, stream_start)
+        .await
+        .expect("the start is sized")
+        .expect("the model has a price");
     let applied = ledger
-        .start_alone(&mut conn, as_start(&message), &reply_to("c-1"))
+        .start_alone(&mut conn, stream_start, &sized, &reply_to("c-1"))
         .await
         .expect("the statement runs")
         .expect("a funded start is granted");
@@ -148,19 +154,30 @@ async fn lone_start_leaves_what_it_cannot_grant_unchanged() {
         ("a new id for a stream that holds credits", start(USER, "s-1", "m-2", "gpt-4o-mini", 10, 100)),
         ("the id of the grant", start(USER, "s-2", "g-1", "gpt-4o-mini", 10, 100)),
         ("more than the available credits", start(USER, "s-3", "m-3", "gpt-4o-mini", 10, 100)),
-        ("a model without a price", start(USER, "s-4", "m-4", "no-such-model", 10, 100)),
     ];
     for (case, body) in cases {
         let message = decoded(&harness, &body);
+        let stream_start = as_start(&message);
         let mut conn = harness.pool.acquire().await.expect("a connection");
+        let sized = ledger
+            .size_start(&mut conn, stream_start)
+            .await
+            .expect("the start is sized")
+            .expect("the model has a price");
         let alone = ledger
-            .start_alone(&mut conn, as_start(&message), &reply_to("c-2"))
+            .start_alone(&mut conn, stream_start, &sized, &reply_to("c-2"))
             .await
             .expect("the statement runs");
         assert!(alone.is_none(), "{case}: granted by the lone statement: {alone:?}");
         drop(conn);
         assert_eq!(snapshot(&harness).await, before, "{case}: something changed");
     }
+
+    let unpriced = decoded(&harness, &start(USER, "s-4", "m-4", "no-such-model", 10, 100));
+    let mut conn = harness.pool.acquire().await.expect("a connection");
+    let sized = ledger.size_start(&mut conn, as_start(&unpriced)).await.expect("the start is sized");
+    assert!(sized.is_none(), "a model without a price is sized: {sized:?}");
+    drop(conn);
     harness.finish().await;
 }
 
@@ -214,5 +231,74 @@ async fn lone_start_behind_long_lock_opens_fresh() {
     assert_eq!(expires_at(&reply), opened_at + ttl(&harness), "{reply}");
     assert_eq!(harness.account(USER).await.reserved, HOLD_COST);
     assert!(harness.peek_dead_letters().await.is_empty(), "nothing is dead-lettered");
+    harness.finish().await;
+}
+
+/// Time the holds table stays locked, which the reads that size a hold
+/// from history wait for.
+const HISTORY_LOCK_HELD: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Time the account stays locked in the same test: released after the
+/// worker's 10-second wait ended but before the server's 9-second limit
+/// on the hold statement, which began once the holds table was released.
+const ACCOUNT_LOCK_HELD: std::time::Duration = std::time::Duration::from_secs(12);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sized_lone_start_behind_locks_publishes_once() {
+    let harness = Harness::start("lone_sized", |_| {}).await;
+    assert!(harness.settings.reservations.size_from_history, "holds are sized from history");
+    harness.fund(USER, "g-1", 1_000_000).await;
+    harness.barrier(USER).await;
+
+    // The reads that size the hold wait for the holds table, and then the
+    // hold statement waits for the account. Together they take longer
+    // than the worker's 10-second wait for one database call.
+    let mut table_lock = harness.pool.begin().await.expect("a transaction");
+    sqlx::query("LOCK TABLE holds IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *table_lock)
+        .await
+        .expect("the holds table locks");
+    let account_lock = harness.lock_account(USER).await;
+    let mut body = start(USER, "s-1", "m-1", "gpt-4o-mini", 10, 100);
+    body.as_object_mut().expect("a start is an object").remove("max_output_tokens");
+    harness.publish_all(&[common::Outbound::request(&body, "c-1")]).await;
+    tokio::time::sleep(HISTORY_LOCK_HELD).await;
+    table_lock.commit().await.expect("the holds table is released");
+    tokio::time::sleep(ACCOUNT_LOCK_HELD - HISTORY_LOCK_HELD).await;
+    account_lock.commit().await.expect("the account is released");
+
+    let reply = harness.reply("c-1").await;
+    assert_eq!(reply["type"], "reservation.granted", "{reply}");
+    assert_ne!(reply["sized_by"], "max_output_tokens", "{reply}");
+
+    // The worker published the grant and its event itself, so it marks
+    // both outbox rows within moments. Rows of a statement that committed
+    // after the worker gave up on it wait 10 seconds for the relay, which
+    // sends the producer a second grant.
+    let reservation_id: uuid::Uuid = reply["reservation_id"]
+        .as_str()
+        .expect("reservation_id is text")
+        .parse()
+        .expect("reservation_id is a UUID");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let unmarked: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM outbox WHERE reservation_id = $1 AND published_at IS NULL",
+        )
+        .bind(reservation_id)
+        .fetch_one(&harness.pool)
+        .await
+        .expect("outbox read");
+        if unmarked == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{unmarked} outbox rows of the grant are still unmarked: the worker did not publish them"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let replies = harness.replies("c-1", 1).await;
+    assert_eq!(replies.len(), 1, "one grant: {replies:?}");
     harness.finish().await;
 }
