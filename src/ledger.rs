@@ -1033,7 +1033,8 @@ impl Ledger {
 
     /// Expires up to `limit` holds idle for longer than the ttl, settling
     /// each at its counted usage. Holds locked by another transaction are
-    /// skipped, so several sweepers never expire one hold twice.
+    /// skipped, so several sweepers never expire one hold twice, and so
+    /// are holds whose account another transaction has locked.
     ///
     /// Each hold is settled under a savepoint. A hold whose settlement
     /// fails for good, such as a charge that would take the balance past
@@ -1046,10 +1047,16 @@ impl Ledger {
         limit: i64,
         skip: &[Uuid],
     ) -> Result<Expiry, LedgerError> {
+        // A hold whose account another session has locked is passed over
+        // like a locked hold, so that one account locked for long does
+        // not stall expiry for every user. The sweep then waits for no
+        // hold's or account's row lock.
         let query = format!(
             "SELECT {HOLD_COLUMNS} FROM holds \
              WHERE settled_at IS NULL AND last_event_at < now() - make_interval(secs => $1) \
                  AND reservation_id <> ALL($3) \
+                 AND EXISTS (SELECT 1 FROM accounts WHERE accounts.user_id = holds.user_id \
+                     FOR UPDATE SKIP LOCKED) \
              ORDER BY last_event_at LIMIT $2 FOR UPDATE SKIP LOCKED"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(query))

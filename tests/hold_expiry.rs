@@ -237,3 +237,42 @@ async fn failing_expiry_leaves_other_holds_to_expire() {
 
     harness.finish().await;
 }
+
+/// Longer than the sweep's interval and the server's 9-second limit on a
+/// statement of the worker, so a sweep that waited for the locked account
+/// would be cancelled and try again without end.
+const ACCOUNT_LOCKED: Duration = Duration::from_secs(12);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locked_account_leaves_others_to_expire() {
+    let harness = Harness::start("expiry_lock", |settings| {
+        settings.reservations.ttl_seconds = TTL_SECONDS;
+        settings.reservations.sweep_interval_seconds = 1;
+    })
+    .await;
+    let (locked_user, other_user) = ("u-locked", "u-other");
+    for user in [locked_user, other_user] {
+        harness.fund(user, &format!("{user}-grant"), BALANCE).await;
+        let body = start(user, &format!("{user}-s"), &format!("{user}-start"), ROUND_MODEL, PROMPT_TOKENS, MAX_OUTPUT_TOKENS);
+        let reply = harness.request(&body, user).await;
+        assert_eq!(reply["type"], "reservation.granted", "{reply}");
+    }
+
+    // The locked user's hold is the older one, so the sweep meets it first.
+    let lock = harness.lock_account(locked_user).await;
+    let locked_at = tokio::time::Instant::now();
+    let settled = harness
+        .event_within("reservation.settled", &format!("{other_user}-s"), ACCOUNT_LOCKED - Duration::from_secs(1))
+        .await;
+    assert_eq!(settled["status"], "expired", "{settled}");
+    assert!(
+        harness.events("reservation.settled", &format!("{locked_user}-s")).is_empty(),
+        "the hold of the locked account expired while it was locked"
+    );
+    tokio::time::sleep(ACCOUNT_LOCKED.saturating_sub(locked_at.elapsed())).await;
+    lock.commit().await.expect("the account is released");
+
+    let settled = harness.event_within("reservation.settled", &format!("{locked_user}-s"), WAIT).await;
+    assert_eq!(settled["status"], "expired", "{settled}");
+    harness.finish().await;
+}
