@@ -525,6 +525,14 @@ async fn grant_rtt(connection: &Connection, names: &Names, run_id: &str, args: &
 /// its own, as it runs the worker, so that the two round trips differ
 /// only by the worker's work. Returns when the broker connection ends.
 pub async fn serve_echo(settings: Arc<Settings>) -> Result<(), Failure> {
+    // It acknowledges whatever it takes, so on a topology that carries
+    // real traffic it would lose messages.
+    let prefix = &settings.topology.prefix;
+    if !prefix.starts_with("bench-") {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "echo-responder only serves a benchmark's topology, whose prefix starts with `bench-`, not `{prefix}`"
+        )));
+    }
     let connection = broker::connect(&settings.amqp, "stream-credits echo").await?;
     let channel = connection.create_channel().await?;
     let names = topology::declare(&channel, &settings.topology).await.map_err(Failure::from)?;
@@ -973,6 +981,16 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+
+    #[test]
+    fn echo_responder_rejects_other_prefix() {
+        let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+        let Err(failure) = runtime.block_on(serve_echo(Arc::new(Settings::default()))) else {
+            panic!("the echo responder served the default topology");
+        };
+        assert_eq!(failure.code, 2);
+        assert!(failure.error.to_string().contains("`credits`"), "{}", failure.error);
+    }
 
     #[test]
     fn median_round_orders_by_ratio() {

@@ -486,17 +486,15 @@ impl Ledger {
             return Ok((Applied::new(Outcome::DeadLetter(rejection)), None));
         }
 
-        let Some((_, price)) = self.settings.model(&start.model) else {
+        let Some(sized) = self.size_start(conn, start).await? else {
             let denial = self.denial(start, DenialReason::UnknownModel, None, None);
             return Ok(self.record_denial(conn, denial, reply_to).await?);
         };
-        let price = price.clone();
-        let allowance = self.allowance(conn, start, &price).await?;
         let Some((body, outgoing)) = self
-            .reserve(conn, start, &price, allowance, Some(batch.now), reply_to)
+            .reserve(conn, start, &sized.price, sized.allowance, Some(batch.now), reply_to)
             .await?
         else {
-            let denial = self.explain_denial(conn, start, allowance.reserved).await?;
+            let denial = self.explain_denial(conn, start, sized.allowance.reserved).await?;
             return Ok(self.record_denial(conn, denial, reply_to).await?);
         };
         let processed = (start.user_id.clone(), start.message_id.clone());
@@ -506,10 +504,9 @@ impl Ledger {
         Ok((applied, Some(body)))
     }
 
-    /// Prices and sizes a start for [`Ledger::start_alone`], reading the
-    /// completions of recent holds when the start's allowance is sized
-    /// from history. Changes nothing. Returns `None` for a start of an
-    /// unknown model.
+    /// Prices a start and sizes its hold, reading the completions of
+    /// recent holds when the allowance is sized from history. Changes
+    /// nothing. Returns `None` for a start of an unknown model.
     pub async fn size_start(
         &self,
         conn: &mut PgConnection,

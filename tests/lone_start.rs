@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use common::{Harness, grant, start};
 use serde_json::Value;
 use sqlx::Row;
-use stream_credits::ledger::{Destination, Ledger, ReplyTo};
+use stream_credits::ledger::{Applied, Destination, Ledger, ReplyTo};
 use stream_credits::messages::{self, Inbound, StreamStarted};
 
 const USER: &str = "u-lone";
@@ -33,6 +33,22 @@ fn reply_to(correlation_id: &str) -> ReplyTo {
         queue: Some("replies".to_owned()),
         correlation_id: Some(correlation_id.to_owned()),
     }
+}
+
+/// Sizes a start of a priced model and places its hold with the lone
+/// statement, on a connection outside any transaction.
+async fn grant_alone(harness: &Harness, ledger: &Ledger, message: &Inbound, correlation_id: &str) -> Option<Applied> {
+    let stream_start = as_start(message);
+    let mut conn = harness.pool.acquire().await.expect("a connection");
+    let sized = ledger
+        .size_start(&mut conn, stream_start)
+        .await
+        .expect("the start is sized")
+        .expect("the model has a price");
+    ledger
+        .start_alone(&mut conn, stream_start, &sized, &reply_to(correlation_id))
+        .await
+        .expect("the statement runs")
 }
 
 fn expires_at(grant: &Value) -> DateTime<Utc> {
@@ -81,19 +97,9 @@ async fn lone_start_is_granted_by_one_statement() {
     tx.commit().await.expect("the grant commits");
 
     let message = decoded(&harness, &start(USER, "s-1", "m-1", "gpt-4o-mini", 10, 100));
-    let mut conn = harness.pool.acquire().await.expect("a connection");
-    let stream_start = as_start(&message);
-    let sized = ledger
-        .size_start(&mut conn, stream_start)
+    let applied = grant_alone(&harness, &ledger, &message, "c-1")
         .await
-        .expect("the start is sized")
-        .expect("the model has a price");
-    let applied = ledger
-        .start_alone(&mut conn, stream_start, &sized, &reply_to("c-1"))
-        .await
-        .expect("the statement runs")
         .expect("a funded start is granted");
-    drop(conn);
 
     // The reply comes first, then the event, both stored in the outbox.
     let destinations: Vec<Destination> = applied.outgoing.iter().map(|out| out.destination).collect();
@@ -157,19 +163,8 @@ async fn lone_start_leaves_what_it_cannot_grant_unchanged() {
     ];
     for (case, body) in cases {
         let message = decoded(&harness, &body);
-        let stream_start = as_start(&message);
-        let mut conn = harness.pool.acquire().await.expect("a connection");
-        let sized = ledger
-            .size_start(&mut conn, stream_start)
-            .await
-            .expect("the start is sized")
-            .expect("the model has a price");
-        let alone = ledger
-            .start_alone(&mut conn, stream_start, &sized, &reply_to("c-2"))
-            .await
-            .expect("the statement runs");
+        let alone = grant_alone(&harness, &ledger, &message, "c-2").await;
         assert!(alone.is_none(), "{case}: granted by the lone statement: {alone:?}");
-        drop(conn);
         assert_eq!(snapshot(&harness).await, before, "{case}: something changed");
     }
 
