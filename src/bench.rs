@@ -147,17 +147,26 @@ pub async fn run(settings: Arc<Settings>, args: BenchArgs) -> Result<(), Failure
     let ceiling_mix = stream_mix(&run_id, &answers, &args, "m");
     // The broker's rate moves by a tenth or more within a minute on a
     // shared machine. So each worker run is compared with the ceiling run
-    // just before it, and the ratio is the median of the rounds' ratios.
-    // Round 0 only warms up, because new queues are slower than queues
-    // that have carried traffic.
+    // next to it, and the ratio is the median of the rounds' ratios. The
+    // order within a round alternates, so a machine that speeds up or
+    // slows down over the rounds favours neither side. Round 0 only warms
+    // up, because new queues are slower than queues that have carried
+    // traffic.
     let mut pairs = Vec::with_capacity(THROUGHPUT_ROUNDS);
     let (mut commits_in_runs, mut chunks_in_runs) = (0, 0);
     for round in 0..=THROUGHPUT_ROUNDS {
         let worker_mix = stream_mix(&run_id, &answers, &args, &format!("w{round}"));
-        let ceiling = broker_ceiling(&connection, &settings, &ceiling_prefix, &ceiling_mix).await?;
+        let ceiling_first = round % 2 == 0;
+        let mut ceiling = 0.0;
+        if ceiling_first {
+            ceiling = broker_ceiling(&connection, &settings, &ceiling_prefix, &ceiling_mix).await?;
+        }
         let commits_before = commits(&pool).await?;
         let (worker_rate, _) = worker_throughput(&channel, &names, &pool, &worker_mix, args.streams).await?;
         commits_in_runs += commits(&pool).await? - commits_before;
+        if !ceiling_first {
+            ceiling = broker_ceiling(&connection, &settings, &ceiling_prefix, &ceiling_mix).await?;
+        }
         chunks_in_runs += worker_mix.iter().filter(|message| message.body.starts_with(b"{\"type\":\"chunk")).count();
         if round > 0 {
             pairs.push((ceiling, worker_rate));

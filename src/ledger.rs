@@ -348,7 +348,30 @@ impl Ledger {
         conn: &mut PgConnection,
         messages: &[(&Inbound, &ReplyTo)],
     ) -> Result<Vec<Applied>, LedgerError> {
+        self.apply_batch_sized(conn, messages, None).await
+    }
+
+    /// Applies a start that [`Ledger::start_alone`] did not grant inside
+    /// the caller's transaction, with the sizing that was read for it, so
+    /// its hold is not sized a second time.
+    pub async fn apply_sized_start(
+        &self,
+        conn: &mut PgConnection,
+        message: (&Inbound, &ReplyTo),
+        sized: SizedStart,
+    ) -> Result<Applied, LedgerError> {
+        let mut applied = self.apply_batch_sized(conn, &[message], Some(sized)).await?;
+        Ok(applied.pop().expect("one result per message"))
+    }
+
+    async fn apply_batch_sized(
+        &self,
+        conn: &mut PgConnection,
+        messages: &[(&Inbound, &ReplyTo)],
+        sized: Option<SizedStart>,
+    ) -> Result<Vec<Applied>, LedgerError> {
         let mut batch = BatchState::read(conn, messages).await?;
+        batch.sized = sized;
         let mut results = Vec::with_capacity(messages.len());
         for (message, reply_to) in messages {
             let key = (message.user_id().to_owned(), message.message_id().to_owned());
@@ -486,9 +509,15 @@ impl Ledger {
             return Ok((Applied::new(Outcome::DeadLetter(rejection)), None));
         }
 
-        let Some(sized) = self.size_start(conn, start).await? else {
-            let denial = self.denial(start, DenialReason::UnknownModel, None, None);
-            return Ok(self.record_denial(conn, denial, reply_to).await?);
+        let sized = match batch.sized.take() {
+            Some(sized) => sized,
+            None => match self.size_start(conn, start).await? {
+                Some(sized) => sized,
+                None => {
+                    let denial = self.denial(start, DenialReason::UnknownModel, None, None);
+                    return Ok(self.record_denial(conn, denial, reply_to).await?);
+                }
+            },
         };
         let Some((body, outgoing)) = self
             .reserve(conn, start, &sized.price, sized.allowance, Some(batch.now), reply_to)
@@ -1157,6 +1186,8 @@ struct BatchState {
     /// The transaction's start time on the database clock, which
     /// PostgreSQL keeps the same for the whole transaction.
     now: DateTime<Utc>,
+    /// The sizing of the batch's one start, read before the batch began.
+    sized: Option<SizedStart>,
 }
 
 impl BatchState {

@@ -857,11 +857,12 @@ impl Shard {
         let span = info_span!("batch", queue = %self.queue, messages = valid.len());
         // A start that arrives alone is granted by one statement, which
         // commits as it ends. A start that the statement does not grant
-        // takes the batch's transaction. The statement gets a wait of its
-        // own, after the reads that size the hold, so the server's
-        // statement timeout, shorter than the wait, cancels it before the
-        // worker gives up on it: abandoned, it could still commit.
-        if let [(Inbound::StreamStarted(start), reply_to)] = valid.as_slice()
+        // takes a transaction with the sizing already read. The statement
+        // gets a wait of its own, after the reads that size the hold, so
+        // the server's statement timeout, shorter than the wait, cancels it
+        // before the worker gives up on it: abandoned, it could still
+        // commit.
+        if let [(message @ Inbound::StreamStarted(start), reply_to)] = valid.as_slice()
             && items.len() == 1
         {
             let ledger = &self.worker.ledger;
@@ -874,9 +875,16 @@ impl Shard {
                         ledger.start_alone(conn, start, &sized, reply_to).instrument(span.clone()).await
                     })
                     .await?;
-                if let Some(applied) = alone {
-                    return Ok(vec![Some(applied)]);
-                }
+                let applied = match alone {
+                    Some(applied) => applied,
+                    None => {
+                        self.in_transaction(async |conn| {
+                            ledger.apply_sized_start(conn, (*message, *reply_to), sized).instrument(span).await
+                        })
+                        .await?
+                    }
+                };
+                return Ok(vec![Some(applied)]);
             }
         }
         let mut applied = self

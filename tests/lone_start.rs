@@ -297,3 +297,89 @@ async fn sized_lone_start_behind_locks_publishes_once() {
     assert_eq!(replies.len(), 1, "one grant: {replies:?}");
     harness.finish().await;
 }
+
+/// A start that the lone statement does not grant is decided in a
+/// transaction with the same sizing, read once. Here the history changes
+/// in between, which shows that the sizing is not read again: read again,
+/// it would size a hold of 70, which the account could pay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lone_start_not_granted_keeps_its_sizing() {
+    let harness = Harness::database_only("lone_sizing").await;
+    let mut settings = (*harness.settings).clone();
+    settings.models.insert(common::ROUND_MODEL.to_owned(), common::round_price());
+    settings.reservations.size_from_history = true;
+    settings.reservations.history_percentile = 60;
+    settings.reservations.history_streams_min = 5;
+    let ledger = Ledger::new(std::sync::Arc::new(settings));
+    let apply = async |message: &Value, correlation_id: &str| -> Applied {
+        let message = decoded(&harness, message);
+        let mut tx = harness.pool.begin().await.expect("a transaction");
+        let applied = ledger
+            .apply(&mut tx, &message, &reply_to(correlation_id))
+            .await
+            .expect("the message applies");
+        tx.commit().await.expect("the message commits");
+        applied
+    };
+    let without_allowance = |stream: &str| {
+        let mut body = start(USER, stream, &format!("{stream}-start"), common::ROUND_MODEL, 10, 1);
+        body.as_object_mut().expect("a start is an object").remove("max_output_tokens");
+        body
+    };
+    apply(&grant(USER, "g-1", 500), "c-grant").await;
+
+    // No history yet: the hold is the model's maximum, 10 + 2 * 100.
+    let late = decoded(&harness, &without_allowance("s-late"));
+    let mut conn = harness.pool.acquire().await.expect("a connection");
+    let sized = ledger
+        .size_start(&mut conn, as_start(&late))
+        .await
+        .expect("the start is sized")
+        .expect("the model has a price");
+    drop(conn);
+
+    // Five completed streams charge 350 and leave 150 on the account. Their
+    // 60th percentile of 30 output tokens would size a hold of 70.
+    for (index, completion_tokens) in [50, 10, 40, 20, 30].into_iter().enumerate() {
+        let stream = format!("s-{index}");
+        let body = start(USER, &stream, &format!("{stream}-start"), common::ROUND_MODEL, 10, 100);
+        let granted = apply(&body, &stream).await;
+        assert_eq!(granted.outgoing[0].body["type"], "reservation.granted", "{:?}", granted.outgoing);
+        let ended = common::end(
+            USER,
+            &stream,
+            &format!("{stream}-end"),
+            messages::EndStatus::Completed,
+            Some((10, completion_tokens)),
+        );
+        apply(&ended, &stream).await;
+    }
+    assert_eq!(snapshot(&harness).await.0, 150);
+
+    let reply = reply_to("c-late");
+    let mut conn = harness.pool.acquire().await.expect("a connection");
+    let alone = ledger
+        .start_alone(&mut conn, as_start(&late), &sized, &reply)
+        .await
+        .expect("the statement runs");
+    assert!(alone.is_none(), "210 credits granted from 150: {alone:?}");
+    drop(conn);
+    let mut tx = harness.pool.begin().await.expect("a transaction");
+    let applied = ledger
+        .apply_sized_start(&mut tx, (&late, &reply), sized)
+        .await
+        .expect("the start applies");
+    tx.commit().await.expect("the start commits");
+    let denial = &applied.outgoing[0].body;
+    assert_eq!(denial["type"], "reservation.denied", "{denial}");
+    assert_eq!(denial["requested"], 210, "{denial}");
+    assert_eq!(denial["available"], 150, "{denial}");
+
+    // Sized now, a new start reserves 70 from the user's history.
+    let granted = apply(&without_allowance("s-now"), "c-now").await;
+    let body = &granted.outgoing[0].body;
+    assert_eq!(body["type"], "reservation.granted", "{body}");
+    assert_eq!(body["sized_by"], "user_history", "{body}");
+    assert_eq!(body["reserved"], 70, "{body}");
+    harness.finish().await;
+}

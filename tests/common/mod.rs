@@ -1208,7 +1208,7 @@ fn short_id() -> String {
     Uuid::new_v4().simple().to_string()[..8].to_owned()
 }
 
-fn round_price() -> ModelPrice {
+pub fn round_price() -> ModelPrice {
     ModelPrice {
         input_per_million: 1_000_000,
         output_per_million: 2_000_000,
