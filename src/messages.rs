@@ -846,10 +846,12 @@ pub struct ReservationDenied {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_id: Option<String>,
     pub reason: DenialReason,
-    /// Credits the hold would have taken, when the model was known.
+    /// Credits the hold would have taken. Given, with `available`, for
+    /// `insufficient_credits` and `too_many_active_streams` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested: Option<i64>,
-    /// Credits the user had available, when the request was valid.
+    /// Credits the user had available. Given, with `requested`, for
+    /// `insufficient_credits` and `too_many_active_streams` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub available: Option<i64>,
     /// One line saying what was wrong with an invalid request.

@@ -64,3 +64,25 @@ async fn sixth_hold_is_denied() {
 
     harness.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_model_denial_has_no_amounts() {
+    let harness = Harness::start("unknown_model", |_| {}).await;
+    harness.fund(USER, "g-1", BALANCE).await;
+
+    let body = start(USER, "s-1", "m-1", "no-such-model", PROMPT_TOKENS, MAX_OUTPUT_TOKENS);
+    let reply = harness.request(&body, "c-1").await;
+    assert_eq!(reply["type"], "reservation.denied", "{reply}");
+    assert_eq!(reply["reason"], "unknown_model", "{reply}");
+    assert_eq!(reply["stream_id"], "s-1", "{reply}");
+    // Without a price there is no hold to request, and the balance does
+    // not decide the denial.
+    assert!(reply.get("requested").is_none(), "{reply}");
+    assert!(reply.get("available").is_none(), "{reply}");
+
+    let account = harness.account(USER).await;
+    assert_eq!(account.balance, BALANCE);
+    assert_eq!(account.reserved, 0);
+
+    harness.finish().await;
+}
