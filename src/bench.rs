@@ -839,7 +839,6 @@ impl ChildWorker {
     /// topology, and then removes the settings file it has read.
     async fn wait_until_consuming(&mut self, connection: &Connection, names: &Names, shards: u16) -> Result<(), Failure> {
         let deadline = Instant::now() + Duration::from_secs(60);
-        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
         loop {
             if let Some(status) = self.child.try_wait()? {
                 return Err(anyhow::anyhow!(
@@ -848,13 +847,9 @@ impl ChildWorker {
                 .into());
             }
             let channel = connection.create_channel().await?;
-            let mut consumed = 0;
-            for index in 0..shards {
-                let queue = channel.queue_declare(names.shard(index).as_str().into(), passive, FieldTable::default()).await?;
-                consumed += usize::from(queue.consumer_count() > 0);
-            }
+            let consumed = topology::consumed_shards(&channel, names, shards).await?;
             let _ = channel.close(200, "checked consumers".into()).await;
-            if consumed == usize::from(shards) {
+            if consumed == shards {
                 self.settings_file = None;
                 return Ok(());
             }

@@ -186,7 +186,7 @@ pub async fn execute(command: Command, settings: Arc<Settings>) -> Result<(), Fa
         }
         Command::Migrate => {
             db::migrate(&settings.database).await?;
-            eprintln!("database is up to date");
+            eprintln!("every migration is applied");
             Ok(())
         }
         Command::Demo(args) => demo::run(settings, args).await,

@@ -45,7 +45,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
     /// OpenAssistant conversations to replay, at most 400.
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 400, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=400))]
     pub conversations: usize,
     /// Maximum wait for one reply or settlement, in seconds.
     #[arg(long, default_value_t = 120)]

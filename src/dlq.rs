@@ -25,7 +25,6 @@ use clap::{Args, Subcommand};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Consumer};
 use serde::Serialize;
@@ -34,7 +33,7 @@ use crate::broker::{self, HEADER_DEAD_LETTER_ID, HEADER_DETAIL, HEADER_ERROR, HE
 use crate::cli::Failure;
 use crate::messages::RejectReason;
 use crate::settings::Settings;
-use crate::topology::Names;
+use crate::topology::{self, Names};
 
 /// Most dead letters one command reads, so a flooded queue cannot
 /// exhaust the operator's memory; run the command again for more. It is
@@ -222,12 +221,7 @@ async fn fetch_all(channel: &Channel, names: &Names) -> Result<(Vec<Delivery>, C
 /// Names the likely cause when the dead-letter queue does not exist: no
 /// worker with this prefix has declared its topology on this broker.
 fn missing_queue(error: lapin::Error, names: &Names) -> Failure {
-    let not_found = matches!(
-        error.kind(),
-        lapin::ErrorKind::ProtocolError(amqp)
-            if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
-    );
-    if !not_found {
+    if !topology::is_not_found(&error) {
         return error.into();
     }
     anyhow::anyhow!(
@@ -350,6 +344,21 @@ fn original_routing_key(letter: &Delivery) -> String {
     from_death.unwrap_or_else(|| letter.routing_key.as_str().to_owned())
 }
 
+/// Returns `text` with its control characters escaped, so that text a
+/// producer chose cannot move the cursor in, or clear, an operator's
+/// terminal. JSON output needs no such step: JSON escapes them itself.
+fn printable(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for character in text.chars() {
+        if character.is_control() {
+            escaped.extend(character.escape_default());
+        } else {
+            escaped.push(character);
+        }
+    }
+    escaped
+}
+
 fn list(letters: &[Delivery], args: &ListArgs) -> Result<(), Failure> {
     let views: Vec<DeadLetterView> = letters.iter().take(args.limit).map(view).collect();
     if args.json {
@@ -370,12 +379,12 @@ fn list(letters: &[Delivery], args: &ListArgs) -> Result<(), Failure> {
     ]);
     for item in &views {
         table.add_row([
-            item.id.clone(),
-            item.reason.clone(),
-            item.routing_key.clone(),
-            item.message_type.clone().unwrap_or_default(),
-            item.message_id.clone().unwrap_or_default(),
-            item.detail.clone(),
+            printable(&item.id),
+            printable(&item.reason),
+            printable(&item.routing_key),
+            printable(item.message_type.as_deref().unwrap_or_default()),
+            printable(item.message_id.as_deref().unwrap_or_default()),
+            printable(&item.detail),
         ]);
     }
     println!("{table}");
@@ -570,7 +579,9 @@ async fn replay(
         if args.dry_run {
             println!(
                 "would replay {} ({}) to routing key {}",
-                item.id, item.reason, item.routing_key
+                printable(&item.id),
+                printable(&item.reason),
+                printable(&item.routing_key)
             );
             continue;
         }
@@ -589,7 +600,9 @@ async fn replay(
             .await?;
         println!(
             "replayed {} ({}) to routing key {}",
-            item.id, item.reason, item.routing_key
+            printable(&item.id),
+            printable(&item.reason),
+            printable(&item.routing_key)
         );
     }
     eprintln!(
@@ -646,4 +659,16 @@ async fn purge(letters: &[Delivery], args: &PurgeArgs) -> Result<(), Failure> {
     }
     eprintln!("purged {}", count_letters(chosen.len()));
     require_found(letters, &args.id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn printable_escapes_control_characters() {
+        assert_eq!(printable("m-1"), "m-1");
+        assert_eq!(printable("a\u{1b}[2Jb\nc\0"), "a\\u{1b}[2Jb\\nc\\u{0}");
+        assert_eq!(printable("ünï ✓"), "ünï ✓");
+    }
 }

@@ -41,7 +41,7 @@ pub struct HoldSizingArgs {
     #[arg(long, default_value = "data")]
     pub data: PathBuf,
     /// Conversations to replay in each run, at most 400.
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 400, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=400))]
     pub conversations: usize,
     /// Users the conversations are spread over, in turn.
     #[arg(long, default_value_t = 20)]

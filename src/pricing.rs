@@ -73,8 +73,9 @@ impl ModelPrice {
         i64::try_from(credits).map(Credits).map_err(|_| CostOverflow)
     }
 
-    /// Checks the prices, returning the bad field and why. `tokens_max` is
-    /// the largest token count a message may state: the cost of that many
+    /// Checks the prices, returning the bad field and why, or an empty
+    /// field when the prices are wrong together. `tokens_max` is the
+    /// largest token count a message may state: the cost of that many
     /// tokens of every kind must fit in 64 bits.
     pub fn validate(&self, tokens_max: u64) -> Result<(), (&'static str, String)> {
         let prices = [
@@ -116,8 +117,12 @@ impl ModelPrice {
         };
         if self.cost(worst).is_err() || self.cost(worst_cached).is_err() {
             return Err((
-                "output_per_million",
-                format!("prices overflow 64-bit credits at {tokens_max} tokens"),
+                "",
+                format!(
+                    "the cost of limits.tokens_max ({tokens_max}) tokens of prompt and of output \
+                     overflows 64-bit credits; lower input_per_million, output_per_million, \
+                     cached_input_per_million or limits.tokens_max"
+                ),
             ));
         }
         Ok(())

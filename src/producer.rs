@@ -460,6 +460,7 @@ pub async fn replay(settings: Arc<Settings>, args: ReplayArgs) -> Result<(), Fai
         recordings.push((file, recording));
     }
 
+    require_worker(&settings).await?;
     let producer = Producer::connect(&settings, Duration::from_secs(args.timeout_seconds)).await?;
     let mut rows = Vec::with_capacity(recordings.len());
     for (file, recording) in recordings {
@@ -474,7 +475,45 @@ pub async fn replay(settings: Arc<Settings>, args: ReplayArgs) -> Result<(), Fai
     } else {
         print_replay_table(&rows);
     }
+    let denied = rows.iter().filter(|row| row.denied.is_some()).count();
+    if denied > 0 {
+        return Err(anyhow::anyhow!(
+            "{denied} of {} starts were denied and replayed nothing; for insufficient_credits, \
+             fund the user with `stream-credits account grant {} AMOUNT`",
+            rows.len(),
+            args.user
+        )
+        .into());
+    }
     Ok(())
+}
+
+/// Fails unless a worker consumes every shard queue of the topology, so
+/// that no start is left in a queue that no worker reads, to be granted
+/// long after `replay` gave up on it.
+async fn require_worker(settings: &Settings) -> Result<(), Failure> {
+    let connection = broker::connect(&settings.amqp, "stream-credits replay").await?;
+    let channel = connection.create_channel().await?;
+    let names = Names::new(&settings.topology.prefix);
+    let shards = settings.topology.shards;
+    let consumed = topology::consumed_shards(&channel, &names, shards).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), connection.close(200, "checked".into())).await;
+    let prefix = &settings.topology.prefix;
+    match consumed {
+        Ok(consumed) if consumed == shards => Ok(()),
+        Ok(consumed) => Err(anyhow::anyhow!(
+            "no worker consumes {} of the {shards} shard queues of topology prefix `{prefix}`; \
+             start `stream-credits run` with the same settings and try again",
+            shards - consumed
+        )
+        .into()),
+        Err(error) if topology::is_not_found(&error) => Err(anyhow::anyhow!(
+            "the shard queues of topology prefix `{prefix}` do not exist on this broker; \
+             start `stream-credits run` with the same settings, or check the prefix"
+        )
+        .into()),
+        Err(error) => Err(error.into()),
+    }
 }
 
 fn replay_row(file: &std::path::Path, plan: &ChatPlan, result: &ChatResult) -> ReplayRow {

@@ -642,18 +642,27 @@ impl Settings {
             price
                 .validate(self.limits.tokens_max)
                 .map_err(|(field, reason)| {
-                    SettingsError::invalid(format!("models.{name}.{field}"), reason)
+                    let key = if field.is_empty() {
+                        format!("models.{name}")
+                    } else {
+                        format!("models.{name}.{field}")
+                    };
+                    SettingsError::invalid(key, reason)
                 })?;
         }
         Ok(())
     }
 
     /// The counts that must be greater than zero, by key, with their values.
-    pub(crate) fn positive_counts(&self) -> [(&'static str, u64); 10] {
+    pub(crate) fn positive_counts(&self) -> [(&'static str, u64); 11] {
         [
             (
                 "database.max_connections",
                 self.database.max_connections.into(),
+            ),
+            (
+                "database.acquire_timeout_seconds",
+                self.database.acquire_timeout_seconds,
             ),
             ("amqp.prefetch", self.amqp.prefetch.into()),
             ("topology.shards", self.topology.shards.into()),
@@ -1235,6 +1244,21 @@ mod tests {
     fn zero_shards_name_the_key() {
         let text = error_text(&[("STREAM_CREDITS__TOPOLOGY__SHARDS", "0")]);
         assert!(text.contains("topology.shards"), "{text}");
+    }
+
+    #[test]
+    fn overflowing_prices_name_the_model() {
+        let text = error_text(&[("STREAM_CREDITS__LIMITS__TOKENS_MAX", "1000000000000000000")]);
+        assert!(text.contains("invalid setting `models."), "{text}");
+        assert!(!text.contains("output_per_million`"), "{text}");
+        assert!(text.contains("limits.tokens_max (1000000000000000000)"), "{text}");
+    }
+
+    #[test]
+    fn zero_acquire_timeout_names_the_key() {
+        let text = error_text(&[("STREAM_CREDITS__DATABASE__ACQUIRE_TIMEOUT_SECONDS", "0")]);
+        assert!(text.contains("database.acquire_timeout_seconds"), "{text}");
+        assert!(text.contains("must be greater than zero"), "{text}");
     }
 
     #[test]

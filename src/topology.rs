@@ -1,6 +1,7 @@
 //! Exchange and queue names, and their idempotent declaration.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, ExchangeKind};
 
@@ -59,6 +60,34 @@ impl Names {
     pub fn shard(&self, index: u16) -> String {
         format!("{}{index}", self.shard_prefix)
     }
+}
+
+/// Counts the shard queues under `names` that have a consumer. Each queue
+/// is declared passively, so nothing is created, and a missing queue
+/// fails with the broker's `NOT_FOUND`, which closes `channel`.
+pub async fn consumed_shards(channel: &Channel, names: &Names, shards: u16) -> Result<u16, lapin::Error> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let mut consumed = 0;
+    for index in 0..shards {
+        let queue = channel
+            .queue_declare(names.shard(index).as_str().into(), passive, FieldTable::default())
+            .await?;
+        consumed += u16::from(queue.consumer_count() > 0);
+    }
+    Ok(consumed)
+}
+
+/// Returns true when `error` is the broker's `NOT_FOUND` reply, as to a
+/// passive declaration of a queue that does not exist.
+pub fn is_not_found(error: &lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+    )
 }
 
 /// Declares every exchange, queue and binding. Declaring again with the

@@ -478,3 +478,19 @@ async fn broker_letters_differing_in_properties_have_own_ids() {
 
     harness.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_escapes_control_characters() {
+    let harness = Harness::start("dlq_escape", |_| {}).await;
+    let mut invalid = common::grant(USER, "m-\u{1b}[2J-1", 5);
+    invalid["amount"] = Value::from(-5);
+    harness.publish_all(&[Outbound::json(&invalid)]).await;
+    harness.wait_dead_letter_count(1).await;
+
+    let table = run_ok(&harness, &["dlq", "list"]).await;
+    assert!(!table.contains('\u{1b}'), "the table holds a raw escape: {table:?}");
+    assert!(table.contains("m-\\u{1b}[2J-1"), "{table}");
+    let listed = list(&harness).await;
+    assert_eq!(listed[0]["message_id"], "m-\u{1b}[2J-1", "JSON keeps the id as sent");
+    harness.finish().await;
+}
