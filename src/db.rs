@@ -32,6 +32,20 @@ pub enum DbError {
         /// Advice on what to check, empty when the error names no cause.
         hint: &'static str,
     },
+    /// The server answered and rejected the connection, for example for
+    /// a database or role that does not exist.
+    #[error("PostgreSQL at {url} rejected the connection: {message}{hint}")]
+    Rejected {
+        url: String,
+        /// The server's message, without the line of the server's source
+        /// code that sqlx adds.
+        message: String,
+        /// Shown in the message rather than as a source, so the error
+        /// chain prints the cause once.
+        error: sqlx::Error,
+        /// Advice on what to check, empty when the error names no cause.
+        hint: &'static str,
+    },
     #[error("cannot apply migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
@@ -40,7 +54,7 @@ impl DbError {
     /// Whether the database may become reachable later.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Connect { source, .. } | Self::Tls { error: source, .. } => {
+            Self::Connect { source, .. } | Self::Tls { error: source, .. } | Self::Rejected { error: source, .. } => {
                 crate::ledger::is_transient(source)
             }
             Self::Migrate(sqlx::migrate::MigrateError::Execute(error)) => {
@@ -85,6 +99,22 @@ fn pool_with(settings: &DatabaseSettings, parameters: &[(&str, &str)]) -> Result
 /// failed handshake as an I/O error around the rustls error, and a server
 /// without TLS as a TLS error.
 fn connect_error(url: String, source: sqlx::Error) -> DbError {
+    if let sqlx::Error::Database(error) = &source {
+        // SQLSTATE 3D000: no such database. Class 28: the role does not
+        // exist, or the password or authentication method was rejected.
+        let code = error.code().unwrap_or_default();
+        let hint = match code.as_ref() {
+            "3D000" => "; `stream-credits migrate` creates it, or check the database name in database.url",
+            code if code.starts_with("28") => "; check the user and password in database.url",
+            _ => "",
+        };
+        return DbError::Rejected {
+            url,
+            message: error.message().to_owned(),
+            error: source,
+            hint,
+        };
+    }
     let hint = match &source {
         sqlx::Error::Tls(_) => "",
         sqlx::Error::Io(io) => match io.get_ref().and_then(|inner| inner.downcast_ref()) {

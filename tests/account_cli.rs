@@ -100,3 +100,17 @@ async fn show_leaves_a_missing_database_missing() {
     assert!(!created, "account show created database {missing}");
     harness.finish().await;
 }
+
+#[tokio::test]
+async fn missing_database_names_the_fix() {
+    let url = database_url("sc_t_account_no_such_database");
+    let env = [("STREAM_CREDITS__DATABASE__URL", url.as_str())];
+    let output = run_binary(&["account", "show", USER], &env).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("rejected the connection"), "{stderr}");
+    assert!(stderr.contains("does not exist; `stream-credits migrate` creates it"), "{stderr}");
+    // sqlx adds the line of PostgreSQL's own source code that raised
+    // the error, which reads as a line of the user's settings.
+    assert!(!stderr.contains(" at line "), "{stderr}");
+}
