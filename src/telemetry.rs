@@ -6,11 +6,21 @@ use tracing_subscriber::EnvFilter;
 
 use crate::settings::{LogFormat, LogSettings};
 
+/// Filter added after the configured level: PostgreSQL's notices below
+/// WARNING, such as "relation already exists, skipping" on each
+/// migration check, say nothing an operator can act on.
+const QUIET_NOTICES: &str = "sqlx::postgres::notice=warn";
+
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides the
 /// configured level. Calling it twice keeps the first subscriber.
 pub fn init(settings: &LogSettings) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(&settings.level));
+    let filter = match std::env::var(EnvFilter::DEFAULT_ENV) {
+        Ok(directives) => EnvFilter::try_new(&directives).unwrap_or_else(|error| {
+            eprintln!("warning: RUST_LOG `{directives}` is not a valid filter ({error}); using log.level");
+            configured_filter(&settings.level)
+        }),
+        Err(_) => configured_filter(&settings.level),
+    };
     // Colour codes help a person at a terminal, but in a file or a log
     // shipper they are noise.
     let builder = tracing_subscriber::fmt()
@@ -21,4 +31,8 @@ pub fn init(settings: &LogSettings) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+fn configured_filter(level: &str) -> EnvFilter {
+    EnvFilter::new(format!("{level},{QUIET_NOTICES}"))
 }
