@@ -257,7 +257,31 @@ async fn grant(settings: Arc<Settings>, args: GrantArgs) -> Result<(), Failure> 
     tx.commit().await?;
     match applied.outcome {
         Outcome::Applied => eprintln!("granted {} credits to {}", args.amount, args.user),
-        Outcome::Duplicate => eprintln!("this idempotency key was already applied; nothing changed"),
+        Outcome::Duplicate => {
+            // A key that comes back with another amount is most likely a
+            // new grant given an old key, which would otherwise be lost
+            // without a word.
+            let granted: Option<i64> = sqlx::query_scalar(
+                "SELECT amount FROM ledger WHERE user_id = $1 AND message_id = $2 AND kind = 'grant'",
+            )
+            .bind(&args.user)
+            .bind(message.message_id())
+            .fetch_optional(&pool)
+            .await?;
+            if let Some(granted) = granted
+                && granted != args.amount
+            {
+                return Err(anyhow::anyhow!(
+                    "idempotency key `{}` already granted {granted} credits to {}, not {}; nothing \
+                     changed. Give a new key for another grant",
+                    message.message_id(),
+                    args.user,
+                    args.amount
+                )
+                .into());
+            }
+            eprintln!("this idempotency key was already applied; nothing changed");
+        }
         Outcome::DeadLetter(rejection) => return Err(Failure::usage(rejection)),
         Outcome::Dropped(_) => unreachable!("a grant is never dropped"),
     }

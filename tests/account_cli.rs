@@ -114,3 +114,21 @@ async fn missing_database_names_the_fix() {
     // the error, which reads as a line of the user's settings.
     assert!(!stderr.contains(" at line "), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reused_key_with_other_amount_fails() {
+    let harness = Harness::database_only("account_key").await;
+    let url = database_url(harness.database_name());
+    let env = [("STREAM_CREDITS__DATABASE__URL", url.as_str())];
+    let grant = |amount: &'static str| ["account", "grant", USER, amount, "--idempotency-key", "k1"];
+
+    let output = run_binary(&grant("500"), &env).await;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = run_binary(&grant("700"), &env).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("already granted 500 credits to u-cli, not 700"), "{stderr}");
+    assert_eq!(harness.account(USER).await.balance, 500);
+    assert_eq!(harness.ledger_rows(USER, "grant").await, 1, "grant ledger rows");
+    harness.finish().await;
+}
