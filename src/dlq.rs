@@ -564,8 +564,10 @@ async fn replay(
     if let Some(reason) = &selection.reason
         && RejectReason::from_code(reason).is_none()
     {
+        let codes: Vec<&str> = RejectReason::ALL.iter().map(|reason| reason.code()).collect();
         return Err(Failure::usage(anyhow::anyhow!(
-            "unknown reason code `{reason}`"
+            "unknown reason code `{reason}`; expected one of {}",
+            codes.join(", ")
         )));
     }
     let chosen = selected(

@@ -77,7 +77,9 @@ pub struct StreamStarted {
     pub user_id: String,
     pub stream_id: String,
     pub model: String,
+    /// The prompt in chat form: at least one message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
     pub messages: Option<Vec<ChatMessage>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<String>,
@@ -614,6 +616,9 @@ impl Fields<'_> {
             Some(Value::Array(items)) => items,
             Some(_) => return Err(invalid("field `messages` must be an array")),
         };
+        if items.is_empty() {
+            return Err(invalid("field `messages` must hold at least one message"));
+        }
         let mut messages = Vec::with_capacity(items.len());
         for (index, item) in items.iter().enumerate() {
             let Value::Object(object) = item else {
@@ -1059,6 +1064,15 @@ mod tests {
         assert_eq!(started.stream_id, "s-1");
         assert_eq!(started.max_output_tokens, Some(1024));
         assert!(matches!(started.prompt_input(), PromptInput::Messages(m) if m.len() == 1));
+    }
+
+    #[test]
+    fn empty_messages_are_invalid() {
+        let mut value = start();
+        value["messages"] = json!([]);
+        let rejection = decode_value(value).unwrap_err();
+        assert_eq!(rejection.reason, RejectReason::InvalidField);
+        assert!(rejection.detail.contains("`messages`"), "{}", rejection.detail);
     }
 
     #[test]

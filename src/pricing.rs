@@ -312,7 +312,9 @@ mod tests {
     #[test]
     fn huge_price_fails_validation() {
         let model = price(1, i64::MAX / 2, None);
-        assert_eq!(model.validate(10_000_000).unwrap_err().0, "output_per_million");
+        let (field, reason) = model.validate(10_000_000).unwrap_err();
+        assert_eq!(field, "", "the prices are wrong together, not one field");
+        assert!(reason.contains("overflows 64-bit credits"), "{reason}");
     }
 
     #[test]

@@ -177,12 +177,13 @@ async fn dlq_commands_work() {
     let output = harness
         .run_cli(&["dlq", "replay", "--reason", "no_such_reason"])
         .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(
         output.status.code(),
         Some(USAGE_ERROR),
-        "replay with an unknown reason: {}",
-        String::from_utf8_lossy(&output.stderr)
+        "replay with an unknown reason: {stderr}"
     );
+    assert!(stderr.contains("expected one of invalid_json, "), "{stderr}");
 
     // purge: refused without --yes, then removes everything.
     let output = harness.run_cli(&["dlq", "purge", "--all"]).await;
