@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::ledger::{Ledger, Outcome, ReplyTo};
+use crate::ledger::{Ledger, LedgerError, Outcome, ReplyTo};
 use crate::messages::{CreditsGranted, Inbound};
 use crate::settings::Settings;
 use crate::worker::{self, WorkerError};
@@ -234,6 +234,10 @@ pub async fn cancel_on_signal(token: CancellationToken) {
     token.cancel();
 }
 
+/// Attempts of `account grant` when its transaction fails for a reason
+/// that a retry may clear, such as a concurrent grant with the same key.
+const GRANT_ATTEMPTS: u32 = 3;
+
 async fn grant(settings: Arc<Settings>, args: GrantArgs) -> Result<(), Failure> {
     let message = Inbound::CreditsGranted(CreditsGranted {
         kind: Default::default(),
@@ -250,11 +254,24 @@ async fn grant(settings: Arc<Settings>, args: GrantArgs) -> Result<(), Failure> 
     crate::messages::decode(&body, &settings.limits).map_err(Failure::usage)?;
 
     let pool = db::migrate(&settings.database).await?;
-    let mut tx = pool.begin().await?;
-    let applied = Ledger::new(settings.clone())
-        .apply(&mut tx, &message, &ReplyTo::default())
-        .await?;
-    tx.commit().await?;
+    let ledger = Ledger::new(settings.clone());
+    // Two grants with one key at once: the second to commit fails on the
+    // processed-message key, and its retry finds the key applied.
+    let mut attempts_left = GRANT_ATTEMPTS;
+    let applied = loop {
+        attempts_left -= 1;
+        let attempt = async {
+            let mut tx = pool.begin().await?;
+            let applied = ledger.apply(&mut tx, &message, &ReplyTo::default()).await?;
+            tx.commit().await?;
+            Ok::<_, LedgerError>(applied)
+        };
+        match attempt.await {
+            Ok(applied) => break applied,
+            Err(error) if attempts_left > 0 && error.is_retryable() => continue,
+            Err(error) => return Err(error.into()),
+        }
+    };
     match applied.outcome {
         Outcome::Applied => eprintln!("granted {} credits to {}", args.amount, args.user),
         Outcome::Duplicate => {

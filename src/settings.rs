@@ -703,14 +703,21 @@ impl Settings {
         if self.limits.message_bytes_max == 0 {
             return Err(SettingsError::invalid("limits.message_bytes_max", "must be greater than zero"));
         }
-        // A ttl near i64::MAX seconds would overflow the interval sent to
-        // PostgreSQL; ten years is far beyond any useful value.
-        const TTL_SECONDS_MAX: u64 = 10 * 365 * 24 * 3600;
-        if self.reservations.ttl_seconds > TTL_SECONDS_MAX {
-            return Err(SettingsError::invalid(
-                "reservations.ttl_seconds",
-                format!("must be at most {TTL_SECONDS_MAX}"),
-            ));
+        // A duration near u64::MAX seconds overflows the clock arithmetic
+        // it takes part in (a deadline, or the interval sent to PostgreSQL
+        // for a ttl); ten years is far beyond any useful value.
+        const SECONDS_MAX: u64 = 10 * 365 * 24 * 3600;
+        let durations = [
+            ("database.acquire_timeout_seconds", self.database.acquire_timeout_seconds),
+            ("reservations.ttl_seconds", self.reservations.ttl_seconds),
+            ("reservations.sweep_interval_seconds", self.reservations.sweep_interval_seconds),
+            ("worker.shutdown_timeout_seconds", self.worker.shutdown_timeout_seconds),
+            ("worker.standby_delay_seconds", self.worker.standby_delay_seconds),
+        ];
+        for (key, seconds) in durations {
+            if seconds > SECONDS_MAX {
+                return Err(SettingsError::invalid(key, format!("must be at most {SECONDS_MAX}")));
+            }
         }
         // Each batch in flight may hold a connection of the pool.
         const IN_FLIGHT_MAX: usize = 16;
@@ -1252,6 +1259,15 @@ mod tests {
         assert!(text.contains("invalid setting `models."), "{text}");
         assert!(!text.contains("output_per_million`"), "{text}");
         assert!(text.contains("limits.tokens_max (1000000000000000000)"), "{text}");
+    }
+
+    #[test]
+    fn huge_durations_name_the_key() {
+        for key in ["DATABASE__ACQUIRE_TIMEOUT_SECONDS", "WORKER__SHUTDOWN_TIMEOUT_SECONDS"] {
+            let variable = format!("STREAM_CREDITS__{key}");
+            let text = error_text(&[(variable.as_str(), "18446744073709551615")]);
+            assert!(text.contains("must be at most 315360000"), "{key}: {text}");
+        }
     }
 
     #[test]

@@ -132,3 +132,36 @@ async fn reused_key_with_other_amount_fails() {
     assert_eq!(harness.ledger_rows(USER, "grant").await, 1, "grant ledger rows");
     harness.finish().await;
 }
+
+/// A grant from another session takes the same key first and commits
+/// while the command waits on the account's row: the command's insert of
+/// the key then fails, and its retry finds the key applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grant_racing_same_key_applies_once() {
+    let harness = Harness::database_only("account_race").await;
+    let url = database_url(harness.database_name());
+    let ledger = stream_credits::ledger::Ledger::new(harness.settings.clone());
+    let body = common::grant(USER, "race", 300);
+    let message = stream_credits::messages::decode(body.to_string().as_bytes(), &harness.settings.limits)
+        .expect("a valid grant");
+    let mut first = harness.pool.begin().await.expect("a transaction");
+    ledger
+        .apply(&mut first, &message, &Default::default())
+        .await
+        .expect("the first grant applies");
+
+    let command = tokio::spawn(async move {
+        let env = [("STREAM_CREDITS__DATABASE__URL", url.as_str())];
+        run_binary(&["account", "grant", USER, "300", "--idempotency-key", "race"], &env).await
+    });
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    first.commit().await.expect("the first grant commits");
+
+    let output = command.await.expect("the command ran");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("already applied"), "{stderr}");
+    assert_eq!(harness.account(USER).await.balance, 300);
+    assert_eq!(harness.ledger_rows(USER, "grant").await, 1, "grant ledger rows");
+    harness.finish().await;
+}
