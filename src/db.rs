@@ -15,7 +15,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 /// A failure to reach or prepare the database.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("cannot reach PostgreSQL at {url}: {source}")]
+    #[error("cannot reach PostgreSQL at {url}: {source}; check the host and port in database.url and that PostgreSQL is running")]
     Connect {
         url: String,
         #[source]
@@ -46,6 +46,9 @@ pub enum DbError {
         /// Advice on what to check, empty when the error names no cause.
         hint: &'static str,
     },
+    /// The database exists but has none of this program's tables.
+    #[error("the database at {url} has no stream-credits tables; create them with `stream-credits migrate`, or check the database name in database.url")]
+    NotMigrated { url: String },
     #[error("cannot apply migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
@@ -60,7 +63,7 @@ impl DbError {
             Self::Migrate(sqlx::migrate::MigrateError::Execute(error)) => {
                 crate::ledger::is_transient(error)
             }
-            Self::Migrate(_) => false,
+            Self::Migrate(_) | Self::NotMigrated { .. } => false,
         }
     }
 }
@@ -140,10 +143,18 @@ fn connect_error(url: String, source: sqlx::Error) -> DbError {
 /// database nor applies migrations.
 pub async fn connect(settings: &DatabaseSettings) -> Result<PgPool, DbError> {
     let pool = pool(settings)?;
-    let check = PgConnection::connect_with(&pool.connect_options())
+    let url = settings.url.redacted();
+    let mut check = PgConnection::connect_with(&pool.connect_options())
         .await
-        .map_err(|source| connect_error(settings.url.redacted(), source))?;
+        .map_err(|source| connect_error(url.clone(), source))?;
+    let migrated: bool = sqlx::query_scalar("SELECT to_regclass('accounts') IS NOT NULL")
+        .fetch_one(&mut check)
+        .await
+        .map_err(|source| connect_error(url.clone(), source))?;
     let _ = check.close().await;
+    if !migrated {
+        return Err(DbError::NotMigrated { url });
+    }
     Ok(pool)
 }
 

@@ -299,7 +299,7 @@ async fn read_database(
     settings: &Settings,
     since: Option<DateTime<Utc>>,
 ) -> anyhow::Result<DatabaseFigures> {
-    let pool = db::pool(&settings.database)?;
+    let pool = db::connect(&settings.database).await?;
     let mut tx = pool.begin().await?;
     // One snapshot for every figure, and a guarantee that nothing is
     // written.

@@ -165,3 +165,27 @@ async fn grant_racing_same_key_applies_once() {
     assert_eq!(harness.ledger_rows(USER, "grant").await, 1, "grant ledger rows");
     harness.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmigrated_database_names_the_fix() {
+    let harness = Harness::database_only("account_bare").await;
+    let bare = format!("{}_bare", harness.database_name());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {bare}")))
+        .execute(&harness.pool)
+        .await
+        .expect("create an empty database");
+    let url = database_url(&bare);
+    let env = [("STREAM_CREDITS__DATABASE__URL", url.as_str())];
+
+    let output = run_binary(&["account", "show", USER], &env).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("has no stream-credits tables"), "{stderr}");
+    assert!(stderr.contains("`stream-credits migrate`"), "{stderr}");
+
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {bare}")))
+        .execute(&harness.pool)
+        .await
+        .expect("drop the empty database");
+    harness.finish().await;
+}
