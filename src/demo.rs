@@ -48,7 +48,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 400, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=400))]
     pub conversations: usize,
     /// Maximum wait for one reply or settlement, in seconds.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub timeout_seconds: u64,
 }
 

@@ -19,6 +19,7 @@ use anyhow::Context;
 use clap::Args;
 use futures_util::{StreamExt, stream};
 use serde::Serialize;
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -50,7 +51,7 @@ pub struct HoldSizingArgs {
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
     /// Maximum wait for one reply or settlement, in seconds.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub timeout_seconds: u64,
     /// Print one JSON object instead of a table.
     #[arg(long)]
@@ -191,7 +192,35 @@ async fn replay_phase(
     let pool = db::migrate(&settings.database).await?;
     let shutdown = CancellationToken::new();
     let worker = tokio::spawn(worker::run(settings.clone(), shutdown.clone()));
-    let producer = Producer::connect(&settings, Duration::from_secs(args.timeout_seconds)).await?;
+    let outcome = measure_phase(&settings, &pool, args, tag, plans).await;
+
+    // The phase's database and queues are removed whether or not it succeeded.
+    shutdown.cancel();
+    let stopped = worker.await;
+    match broker::connect(&settings.amqp, "stream-credits hold-sizing").await {
+        Ok(connection) => cleanup(&connection, &settings, &[&settings.topology.prefix]).await,
+        Err(error) => eprintln!(
+            "cannot remove the queues of prefix {}: {error}",
+            settings.topology.prefix
+        ),
+    }
+    pool.close().await;
+    drop_database(&settings).await;
+    let outcome = outcome?;
+    stopped.context("worker task failed")??;
+    Ok(outcome)
+}
+
+/// Funds the phase's users, runs every chat through the phase's worker and
+/// reads how often holds grew.
+async fn measure_phase(
+    settings: &Settings,
+    pool: &PgPool,
+    args: &HoldSizingArgs,
+    tag: &str,
+    plans: Vec<ChatPlan>,
+) -> Result<PhaseOutcome, Failure> {
+    let producer = Producer::connect(settings, Duration::from_secs(args.timeout_seconds)).await?;
     let users: Vec<String> = (0..args.users).map(|index| user_id(tag, index)).collect();
     for user in &users {
         let grant = CreditsGranted {
@@ -232,16 +261,8 @@ async fn replay_phase(
         "SELECT coalesce(avg(extensions) FILTER (WHERE extensions > 0), 0)::float8, \
          coalesce(max(extensions), 0)::bigint FROM holds",
     )
-    .fetch_one(&pool)
+    .fetch_one(pool)
     .await?;
-
-    shutdown.cancel();
-    worker.await.context("worker task failed")??;
-    drop(producer);
-    let connection = broker::connect(&settings.amqp, "stream-credits hold-sizing").await?;
-    cleanup(&connection, &settings, &[&settings.topology.prefix]).await;
-    pool.close().await;
-    drop_database(&settings).await;
     Ok(PhaseOutcome {
         streams: outcomes,
         growths_mean,

@@ -400,7 +400,7 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub json: bool,
     /// Maximum wait for a reply or a settlement, in seconds.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub timeout_seconds: u64,
 }
 

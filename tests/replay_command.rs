@@ -1,7 +1,8 @@
 //! `stream-credits replay` sends recorded chats to a running worker. It
 //! publishes nothing when no worker consumes the topology, and exits 1
 //! when a start is denied. `demo` and `hold-sizing` reject a count of
-//! conversations that the bundled 400 cannot supply.
+//! conversations that the bundled 400 cannot supply, and `hold-sizing`
+//! removes its database and queues when it fails.
 
 mod common;
 
@@ -81,4 +82,31 @@ async fn conversation_count_outside_bundle_is_rejected() {
         assert_eq!(output.status.code(), Some(2), "{args:?}: {message}");
         assert!(message.contains("--conversations"), "{args:?}: {message}");
     }
+}
+
+async fn sizing_databases(harness: &Harness) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname LIKE 'stream\\_credits\\_sizing\\_%'")
+        .fetch_one(&harness.pool)
+        .await
+        .expect("count databases")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_hold_sizing_removes_its_database() {
+    let harness = Harness::database_only("sizing_fail").await;
+    let before = sizing_databases(&harness).await;
+    let data = format!("{}/data", env!("CARGO_MANIFEST_DIR"));
+    // A price of a million credits per output token denies every funded
+    // start, which ends the first phase with an error.
+    let url = common::database_url("postgres");
+    let env = [
+        ("STREAM_CREDITS__DATABASE__URL", url.as_str()),
+        ("STREAM_CREDITS__MODELS__GPT-4O-MINI__OUTPUT_PER_MILLION", "1000000000000"),
+    ];
+    let output = run_binary(&["hold-sizing", "--conversations", "4", "--data", &data], &env).await;
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{message}");
+    assert!(message.contains("was denied"), "{message}");
+    assert_eq!(sizing_databases(&harness).await, before, "hold-sizing left its database behind");
+    harness.finish().await;
 }
