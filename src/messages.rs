@@ -61,6 +61,9 @@ pub struct CreditsGranted {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ChatMessage {
     pub role: String,
+    /// The message's text. Absent, it counts as empty, as in an assistant
+    /// message that only calls tools.
+    #[serde(default)]
     pub content: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -1064,6 +1067,20 @@ mod tests {
         assert_eq!(started.stream_id, "s-1");
         assert_eq!(started.max_output_tokens, Some(1024));
         assert!(matches!(started.prompt_input(), PromptInput::Messages(m) if m.len() == 1));
+    }
+
+    #[test]
+    fn chat_message_without_content_counts_as_empty() {
+        let mut value = start();
+        value["messages"] = json!([{"role": "assistant"}, {"role": "user", "content": "hi"}]);
+        let Inbound::StreamStarted(started) = decode_value(value).unwrap() else {
+            panic!("not a start");
+        };
+        let PromptInput::Messages(messages) = started.prompt_input() else {
+            panic!("the prompt is not in chat form");
+        };
+        assert_eq!(messages.len(), 2);
+        assert_eq!(messages[0].content, "");
     }
 
     #[test]
