@@ -141,7 +141,9 @@ pub fn main() -> ExitCode {
         Ok(settings) => settings,
         Err(error) => return report(Failure::usage(error)),
     };
-    telemetry::init(&settings.log);
+    // The worker keeps lapin's log lines, which tell of a connection's
+    // troubles that it recovers from without returning an error.
+    telemetry::init(&settings.log, !matches!(cli.command, Command::Run));
     let settings = Arc::new(settings);
     let result = runtime.block_on(async {
         match cli.command {

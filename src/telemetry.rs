@@ -11,15 +11,28 @@ use crate::settings::{LogFormat, LogSettings};
 /// migration check, say nothing an operator can act on.
 const QUIET_NOTICES: &str = "sqlx::postgres::notice=warn";
 
+/// Filter added for a command other than the worker: every lapin error
+/// reaches the command, which prints it once with what to do, so lapin's
+/// own log lines would only repeat it in its internal terms.
+const QUIET_BROKER_LIBRARY: &str = "lapin=off";
+
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides the
-/// configured level. Calling it twice keeps the first subscriber.
-pub fn init(settings: &LogSettings) {
+/// configured level, and with it `quiet_broker_library`, which turns off
+/// lapin's own log lines. Calling it twice keeps the first subscriber.
+pub fn init(settings: &LogSettings, quiet_broker_library: bool) {
+    let configured = || {
+        let mut directives = format!("{},{QUIET_NOTICES}", settings.level);
+        if quiet_broker_library {
+            directives = format!("{directives},{QUIET_BROKER_LIBRARY}");
+        }
+        EnvFilter::new(directives)
+    };
     let filter = match std::env::var(EnvFilter::DEFAULT_ENV) {
         Ok(directives) => EnvFilter::try_new(&directives).unwrap_or_else(|error| {
             eprintln!("warning: RUST_LOG `{directives}` is not a valid filter ({error}); using log.level");
-            configured_filter(&settings.level)
+            configured()
         }),
-        Err(_) => configured_filter(&settings.level),
+        Err(_) => configured(),
     };
     // Colour codes help a person at a terminal, but in a file or a log
     // shipper they are noise.
@@ -31,8 +44,4 @@ pub fn init(settings: &LogSettings) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
-}
-
-fn configured_filter(level: &str) -> EnvFilter {
-    EnvFilter::new(format!("{level},{QUIET_NOTICES}"))
 }

@@ -448,6 +448,7 @@ async fn list_without_topology_names_queue() {
         assert_eq!(output.status.code(), Some(RUNTIME_FAILURE), "run {run}: {stderr}");
         assert!(stderr.contains(&missing), "run {run}: {stderr}");
         assert!(stderr.contains("stream-credits run"), "run {run}: {stderr}");
+        assert!(!stderr.contains("lapin"), "run {run}: the library's own log lines: {stderr}");
     }
 
     harness.finish().await;
