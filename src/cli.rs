@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
+use backon::{ExponentialBuilder, Retryable};
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -236,9 +237,9 @@ pub async fn cancel_on_signal(token: CancellationToken) {
     token.cancel();
 }
 
-/// Attempts of `account grant` when its transaction fails for a reason
+/// Retries of `account grant` after its transaction fails for a reason
 /// that a retry may clear, such as a concurrent grant with the same key.
-const GRANT_ATTEMPTS: u32 = 3;
+const GRANT_RETRIES: usize = 2;
 
 async fn grant(settings: Arc<Settings>, args: GrantArgs) -> Result<(), Failure> {
     let message = Inbound::CreditsGranted(CreditsGranted {
@@ -259,21 +260,16 @@ async fn grant(settings: Arc<Settings>, args: GrantArgs) -> Result<(), Failure> 
     let ledger = Ledger::new(settings.clone());
     // Two grants with one key at once: the second to commit fails on the
     // processed-message key, and its retry finds the key applied.
-    let mut attempts_left = GRANT_ATTEMPTS;
-    let applied = loop {
-        attempts_left -= 1;
-        let attempt = async {
-            let mut tx = pool.begin().await?;
-            let applied = ledger.apply(&mut tx, &message, &ReplyTo::default()).await?;
-            tx.commit().await?;
-            Ok::<_, LedgerError>(applied)
-        };
-        match attempt.await {
-            Ok(applied) => break applied,
-            Err(error) if attempts_left > 0 && error.is_retryable() => continue,
-            Err(error) => return Err(error.into()),
-        }
+    let attempt = async || {
+        let mut tx = pool.begin().await?;
+        let applied = ledger.apply(&mut tx, &message, &ReplyTo::default()).await?;
+        tx.commit().await?;
+        Ok::<_, LedgerError>(applied)
     };
+    let applied = attempt
+        .retry(ExponentialBuilder::default().with_max_times(GRANT_RETRIES))
+        .when(LedgerError::is_retryable)
+        .await?;
     match applied.outcome {
         Outcome::Applied => eprintln!("granted {} credits to {}", args.amount, args.user),
         Outcome::Duplicate => {

@@ -703,9 +703,9 @@ impl Settings {
         if self.limits.message_bytes_max == 0 {
             return Err(SettingsError::invalid("limits.message_bytes_max", "must be greater than zero"));
         }
-        // A duration near u64::MAX seconds overflows the clock arithmetic
-        // it takes part in (a deadline, or the interval sent to PostgreSQL
-        // for a ttl); ten years is far beyond any useful value.
+        // A duration near u64::MAX seconds overflows a deadline, or the
+        // interval sent to PostgreSQL for a ttl. Ten years is far beyond
+        // any useful value.
         const SECONDS_MAX: u64 = 10 * 365 * 24 * 3600;
         let durations = [
             ("database.acquire_timeout_seconds", self.database.acquire_timeout_seconds),
