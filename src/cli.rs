@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::ledger::{Ledger, LedgerError, Outcome, ReplyTo};
-use crate::messages::{CreditsGranted, Inbound};
+use crate::messages::{CreditsGranted, Inbound, Rejection};
 use crate::settings::Settings;
 use crate::worker::{self, WorkerError};
 use crate::{accounts, bench, db, demo, dlq, hold_sizing, producer, report, telemetry};
@@ -254,7 +254,7 @@ async fn grant(settings: Arc<Settings>, args: GrantArgs) -> Result<(), Failure> 
     });
     // The same checks as a grant arriving from the broker.
     let body = serde_json::to_vec(&grant_body(&message)).expect("messages serialize");
-    crate::messages::decode(&body, &settings.limits).map_err(Failure::usage)?;
+    crate::messages::decode(&body, &settings.limits).map_err(grant_usage)?;
 
     let pool = db::migrate(&settings.database).await?;
     let ledger = Ledger::new(settings.clone());
@@ -297,10 +297,26 @@ async fn grant(settings: Arc<Settings>, args: GrantArgs) -> Result<(), Failure> 
             }
             eprintln!("this idempotency key was already applied; nothing changed");
         }
-        Outcome::DeadLetter(rejection) => return Err(Failure::usage(rejection)),
+        Outcome::DeadLetter(rejection) => return Err(grant_usage(rejection)),
         Outcome::Dropped(_) => unreachable!("a grant is never dropped"),
     }
     print_account(&pool, &settings, &args.user, true).await
+}
+
+/// A grant the ledger rejected, in the words of the command line: a
+/// message's fields are the command's arguments and options here.
+fn grant_usage(rejection: Rejection) -> Failure {
+    const ARGUMENTS: [(&str, &str); 4] = [
+        ("field `message_id`", "`--idempotency-key`"),
+        ("field `user_id`", "USER"),
+        ("field `amount`", "AMOUNT"),
+        ("field `reason`", "`--reason`"),
+    ];
+    let mut detail = rejection.detail.clone();
+    for (field, argument) in ARGUMENTS {
+        detail = detail.replace(field, argument);
+    }
+    Failure::usage(anyhow::anyhow!("{}: {detail}", rejection.reason.code()))
 }
 
 fn grant_body(message: &Inbound) -> serde_json::Value {
@@ -326,7 +342,12 @@ async fn print_account(
     let mut conn = pool.acquire().await?;
     let detail = accounts::detail(&mut conn, user, settings.reservations.ttl_seconds)
         .await?
-        .with_context(|| format!("account `{user}` not found: no credits were ever granted to it"))?;
+        .with_context(|| {
+            format!(
+                "account `{}` not found: no credits were ever granted to it",
+                dlq::printable(user)
+            )
+        })?;
     if json {
         println!("{}", serde_json::to_string(&detail).expect("accounts serialize"));
         return Ok(());

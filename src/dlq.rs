@@ -124,6 +124,8 @@ pub struct DeadLetterView {
     /// `type` of the original message, when its body was JSON.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message_type: Option<String>,
+    /// `message_id` of the original message's JSON body, else its AMQP
+    /// `message_id` property.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message_id: Option<String>,
     pub bytes: usize,
@@ -277,7 +279,9 @@ fn view(letter: &Delivery) -> DeadLetterView {
             .unwrap_or_else(|| "dead-lettered by the broker after its delivery limit".to_owned()),
         routing_key: original_routing_key(letter),
         message_type: text("type"),
-        message_id: text("message_id"),
+        message_id: text("message_id").or_else(|| {
+            letter.properties.message_id().as_ref().map(|id| id.as_str().to_owned())
+        }),
         bytes: letter.data.len(),
     }
 }
@@ -344,13 +348,29 @@ fn original_routing_key(letter: &Delivery) -> String {
     from_death.unwrap_or_else(|| letter.routing_key.as_str().to_owned())
 }
 
-/// Returns `text` with its control characters escaped, so that text a
-/// producer chose cannot move the cursor in, or clear, an operator's
-/// terminal. JSON output needs no such step: JSON escapes them itself.
-fn printable(text: &str) -> String {
+/// Returns `text` with its invisible characters escaped: controls, which
+/// could move the cursor in or clear an operator's terminal, and format
+/// characters such as bidirectional overrides and zero-width spaces, which
+/// could make one id look like another. Unassigned, private-use and
+/// surrogate code points and line and paragraph separators are escaped
+/// too. JSON output needs no such step: it is read by programs, and JSON
+/// escapes controls itself.
+pub(crate) fn printable(text: &str) -> String {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+
     let mut escaped = String::with_capacity(text.len());
     for character in text.chars() {
-        if character.is_control() {
+        let hidden = matches!(
+            character.general_category(),
+            GeneralCategory::Control
+                | GeneralCategory::Format
+                | GeneralCategory::Surrogate
+                | GeneralCategory::PrivateUse
+                | GeneralCategory::Unassigned
+                | GeneralCategory::LineSeparator
+                | GeneralCategory::ParagraphSeparator
+        );
+        if hidden {
             escaped.extend(character.escape_default());
         } else {
             escaped.push(character);
@@ -517,7 +537,7 @@ fn require_found(letters: &[Delivery], ids: &[String]) -> Result<(), Failure> {
 /// Builds the error for dead-letter ids that match no letter, which
 /// exits 1.
 fn not_found(ids: &[String]) -> Failure {
-    let quoted: Vec<String> = ids.iter().map(|id| format!("`{id}`")).collect();
+    let quoted: Vec<String> = ids.iter().map(|id| format!("`{}`", printable(id))).collect();
     let noun = if ids.len() == 1 {
         "dead letter"
     } else {
@@ -566,7 +586,8 @@ async fn replay(
     {
         let codes: Vec<&str> = RejectReason::ALL.iter().map(|reason| reason.code()).collect();
         return Err(Failure::usage(anyhow::anyhow!(
-            "unknown reason code `{reason}`; expected one of {}",
+            "unknown reason code `{}`; expected one of {}",
+            printable(reason),
             codes.join(", ")
         )));
     }
@@ -671,6 +692,15 @@ mod tests {
     fn printable_escapes_control_characters() {
         assert_eq!(printable("m-1"), "m-1");
         assert_eq!(printable("a\u{1b}[2Jb\nc\0"), "a\\u{1b}[2Jb\\nc\\u{0}");
-        assert_eq!(printable("ünï ✓"), "ünï ✓");
+        assert_eq!(printable("ünï ✓ 中文 🎉 e\u{301}"), "ünï ✓ 中文 🎉 e\u{301}");
+    }
+
+    #[test]
+    fn printable_escapes_invisible_characters() {
+        assert_eq!(printable("m-\u{202e}1-m"), "m-\\u{202e}1-m");
+        assert_eq!(printable("m\u{200b}-1"), "m\\u{200b}-1");
+        assert_eq!(printable("\u{2066}m\u{2069}"), "\\u{2066}m\\u{2069}");
+        assert_eq!(printable("\u{feff}m\u{2028}"), "\\u{feff}m\\u{2028}");
+        assert_eq!(printable("m\u{e000}"), "m\\u{e000}");
     }
 }

@@ -1038,6 +1038,16 @@ mod tests {
         load_with(vars).unwrap_err().to_string()
     }
 
+    /// Writes `text` to a settings file in a directory of this process
+    /// named after `tag`, and returns the file's path.
+    fn settings_file(tag: &str, text: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("settings-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{tag}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
     #[test]
     fn defaults_are_valid() {
         let settings = load_with(&[]).unwrap();
@@ -1063,16 +1073,12 @@ mod tests {
 
     #[test]
     fn file_adds_models_with_dotted_names() {
-        let dir = std::env::temp_dir().join(format!("settings-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("models.toml");
-        std::fs::write(
-            &path,
+        let path = settings_file(
+            "models",
             "[topology]\nprefix = \"filed\"\n\n[models.\"acme-1.5\"]\ninput_per_million = 3\n\
              output_per_million = 4\nencoding = \"cl100k_base\"\nmax_output_tokens = 99\n\n\
              [models.\"gpt-4.1\"]\noutput_per_million = 5\n",
-        )
-        .unwrap();
+        );
         let settings = Settings::load_unvalidated(Some(&path), Vec::new()).unwrap();
         settings.validate().unwrap();
         assert_eq!(settings.topology.prefix, "filed");
@@ -1083,10 +1089,7 @@ mod tests {
 
     #[test]
     fn file_with_negative_price_names_the_key() {
-        let dir = std::env::temp_dir().join(format!("settings-neg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("negative.toml");
-        std::fs::write(&path, "[models.gpt-4o]\ninput_per_million = -5\n").unwrap();
+        let path = settings_file("negative", "[models.gpt-4o]\ninput_per_million = -5\n");
         let settings = Settings::load_unvalidated(Some(&path), Vec::new()).unwrap();
         let text = settings.validate().unwrap_err().to_string();
         assert!(text.contains("models.gpt-4o.input_per_million"), "{text}");
@@ -1259,6 +1262,30 @@ mod tests {
         assert!(text.contains("invalid setting `models."), "{text}");
         assert!(!text.contains("output_per_million`"), "{text}");
         assert!(text.contains("limits.tokens_max (1000000000000000000)"), "{text}");
+        assert!(
+            text.contains("`limits.tokens_max` = `1000000000000000000` in environment variable STREAM_CREDITS__LIMITS__TOKENS_MAX"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn overflowing_price_from_a_file_names_the_file() {
+        let path = settings_file("overflow", "[models.gpt-4o]\noutput_per_million = 9000000000000000000\n");
+        let text = Settings::load_from(Some(&path), Vec::new()).unwrap_err().to_string();
+        assert!(text.contains("invalid setting `models.gpt-4o`"), "{text}");
+        let origin = format!("`models.gpt-4o.output_per_million` = `9000000000000000000` in {}", path.display());
+        assert!(text.contains(&origin), "{text}");
+        assert!(!text.contains("`limits.tokens_max` ="), "tokens_max was not set: {text}");
+    }
+
+    #[test]
+    fn names_key_matches_whole_keys() {
+        use super::sources::names_key;
+        assert!(names_key("lower limits.tokens_max (5)", "limits.tokens_max"));
+        assert!(names_key("lower limits.tokens_max.", "limits.tokens_max"));
+        assert!(!names_key("lower limits.tokens_max_extra", "limits.tokens_max"));
+        assert!(!names_key("lower xlimits.tokens_max", "limits.tokens_max"));
+        assert!(!names_key("lower limits.tokens_max.more", "limits.tokens_max"));
     }
 
     #[test]
@@ -1386,14 +1413,10 @@ mod tests {
 
     #[test]
     fn file_with_unknown_key_names_it() {
-        let dir = std::env::temp_dir().join(format!("settings-unknown-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("unknown.toml");
-        std::fs::write(
-            &path,
+        let path = settings_file(
+            "unknown",
             "[models.\"gpt-4.1\"]\noutput_per_million = 5\n[log]\nlevl = \"debug\"\n",
-        )
-        .unwrap();
+        );
         let text = Settings::load_unvalidated(Some(&path), Vec::new())
             .unwrap_err()
             .to_string();

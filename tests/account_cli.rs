@@ -67,6 +67,15 @@ async fn account_commands_work() {
         500,
         "balance after a rejected grant"
     );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("AMOUNT must be at least 1"), "{stderr}");
+
+    // Errors name the command's own arguments, not the message's fields.
+    let output = run_binary(&["account", "grant", USER, "5", "--idempotency-key", ""], &env).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("`--idempotency-key` must not be empty"), "{stderr}");
+    assert!(!stderr.contains("message_id"), "{stderr}");
 
     let output = run_binary(&["account", "show", "u-nobody", "--json"], &env).await;
     assert!(!output.status.success(), "show of an unknown user exited 0");
@@ -77,6 +86,9 @@ async fn account_commands_work() {
     );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("u-nobody"), "stderr: {stderr}");
+    let output = run_binary(&["account", "show", "u-\u{1b}[2J"], &env).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("`u-\\u{1b}[2J` not found"), "stderr: {stderr:?}");
 
     harness.finish().await;
 }

@@ -91,6 +91,7 @@ async fn dlq_commands_work() {
         .find(|letter| letter["reason"] == "invalid_json")
         .unwrap_or_else(|| panic!("no invalid_json letter in {listed:?}"));
     assert_eq!(invalid["routing_key"], USER, "{invalid}");
+    assert_eq!(invalid["message_id"], "not-json", "the AMQP property names it: {invalid}");
     assert_ne!(invalid["id"], unknown_id.as_str(), "{listed:?}");
 
     // show: the original body.
@@ -484,15 +485,23 @@ async fn broker_letters_differing_in_properties_have_own_ids() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_escapes_control_characters() {
     let harness = Harness::start("dlq_escape", |_| {}).await;
-    let mut invalid = common::grant(USER, "m-\u{1b}[2J-1", 5);
+    let id = "m-\u{1b}[2J-\u{202e}1";
+    let mut invalid = common::grant(USER, id, 5);
     invalid["amount"] = Value::from(-5);
     harness.publish_all(&[Outbound::json(&invalid)]).await;
     harness.wait_dead_letter_count(1).await;
 
     let table = run_ok(&harness, &["dlq", "list"]).await;
     assert!(!table.contains('\u{1b}'), "the table holds a raw escape: {table:?}");
-    assert!(table.contains("m-\\u{1b}[2J-1"), "{table}");
+    assert!(!table.contains('\u{202e}'), "the table holds a raw override: {table:?}");
+    assert!(table.contains("m-\\u{1b}[2J-\\u{202e}1"), "{table}");
     let listed = list(&harness).await;
-    assert_eq!(listed[0]["message_id"], "m-\u{1b}[2J-1", "JSON keeps the id as sent");
+    assert_eq!(listed[0]["message_id"], id, "JSON keeps the id as sent");
+
+    // An id the operator typed comes back escaped in the error.
+    let output = harness.run_cli(&["dlq", "show", "x-\u{1b}[2J"]).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "show of an unknown id exited 0");
+    assert!(stderr.contains("`x-\\u{1b}[2J` not found"), "{stderr:?}");
     harness.finish().await;
 }

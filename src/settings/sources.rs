@@ -155,7 +155,7 @@ impl SetValues {
             return error;
         };
         let Some(set) = self.values.get(&key) else {
-            return SettingsError::Invalid { key, reason };
+            return self.with_related_origins(key, reason);
         };
         let value = if key.ends_with(".url") {
             redact_url(&set.text)
@@ -167,6 +167,27 @@ impl SetValues {
             value,
             origin: set.origin.clone(),
             reason,
+        }
+    }
+
+    /// Adds to an error about `key`, which no source set by that name,
+    /// the values and origins of what set it: the fields of a section
+    /// such as a model, and the keys its reason names, such as
+    /// `limits.tokens_max` in a model's price check.
+    fn with_related_origins(&self, key: String, reason: String) -> SettingsError {
+        let section = format!("{key}.");
+        let related: Vec<String> = self
+            .values
+            .iter()
+            .filter(|(set_key, _)| set_key.starts_with(&section) || names_key(&reason, set_key))
+            .map(|(set_key, set)| format!("`{set_key}` = `{}` in {}", set.text, set.origin))
+            .collect();
+        if related.is_empty() {
+            return SettingsError::Invalid { key, reason };
+        }
+        SettingsError::Invalid {
+            key,
+            reason: format!("{reason} (set: {})", related.join(", ")),
         }
     }
 
@@ -305,4 +326,20 @@ fn describe_type(expected: &str, positive: bool) -> &str {
         ("i64", _) => "an integer",
         (other, _) => other,
     }
+}
+
+/// Whether `text` names the dotted `key` as a whole, so that
+/// `limits.tokens_max` is not found in `limits.tokens_max_extra`. A full
+/// stop right after the key ends it.
+pub(super) fn names_key(text: &str, key: &str) -> bool {
+    let is_word = |character: char| character.is_ascii_alphanumeric() || "_-".contains(character);
+    text.match_indices(key).any(|(start, _)| {
+        let before = text[..start].chars().next_back();
+        let mut after = text[start + key.len()..].chars();
+        let continues = match after.next() {
+            Some('.') => after.next().is_some_and(is_word),
+            next => next.is_some_and(is_word),
+        };
+        !before.is_some_and(|character| is_word(character) || character == '.') && !continues
+    })
 }
