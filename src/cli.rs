@@ -237,6 +237,36 @@ pub async fn cancel_on_signal(token: CancellationToken) {
     token.cancel();
 }
 
+/// Returns `text` for a terminal, with its invisible characters escaped.
+/// Controls could clear the terminal, and format characters such as a
+/// right-to-left override or a zero-width space could make one id look
+/// like another. Separators, private-use and unassigned code points are
+/// escaped too, and a backslash is doubled, so that no id reads as the
+/// escaped form of another. JSON output keeps text as it is.
+pub(crate) fn printable(text: &str) -> String {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+
+    let mut escaped = String::with_capacity(text.len());
+    for character in text.chars() {
+        let hidden = matches!(
+            character.general_category(),
+            GeneralCategory::Control
+                | GeneralCategory::Format
+                | GeneralCategory::Surrogate
+                | GeneralCategory::PrivateUse
+                | GeneralCategory::Unassigned
+                | GeneralCategory::LineSeparator
+                | GeneralCategory::ParagraphSeparator
+        );
+        if hidden || character == '\\' {
+            escaped.extend(character.escape_default());
+        } else {
+            escaped.push(character);
+        }
+    }
+    escaped
+}
+
 /// Retries of `account grant` after its transaction fails for a reason
 /// that a retry may clear, such as a concurrent grant with the same key.
 const GRANT_RETRIES: usize = 2;
@@ -254,7 +284,8 @@ async fn grant(settings: Arc<Settings>, args: GrantArgs) -> Result<(), Failure> 
     });
     // The same checks as a grant arriving from the broker.
     let body = serde_json::to_vec(&grant_body(&message)).expect("messages serialize");
-    crate::messages::decode(&body, &settings.limits).map_err(grant_usage)?;
+    crate::messages::decode(&body, &settings.limits)
+        .map_err(|rejection| Failure::usage(grant_error(rejection)))?;
 
     let pool = db::migrate(&settings.database).await?;
     let ledger = Ledger::new(settings.clone());
@@ -271,7 +302,7 @@ async fn grant(settings: Arc<Settings>, args: GrantArgs) -> Result<(), Failure> 
         .when(LedgerError::is_retryable)
         .await?;
     match applied.outcome {
-        Outcome::Applied => eprintln!("granted {} credits to {}", args.amount, args.user),
+        Outcome::Applied => eprintln!("granted {} credits to {}", args.amount, printable(&args.user)),
         Outcome::Duplicate => {
             // A key that comes back with another amount is most likely a
             // new grant given an old key, which would otherwise be lost
@@ -289,23 +320,25 @@ async fn grant(settings: Arc<Settings>, args: GrantArgs) -> Result<(), Failure> 
                 return Err(anyhow::anyhow!(
                     "idempotency key `{}` already granted {granted} credits to {}, not {}; nothing \
                      changed. Give a new key for another grant",
-                    message.message_id(),
-                    args.user,
+                    printable(message.message_id()),
+                    printable(&args.user),
                     args.amount
                 )
                 .into());
             }
             eprintln!("this idempotency key was already applied; nothing changed");
         }
-        Outcome::DeadLetter(rejection) => return Err(grant_usage(rejection)),
+        // Rejected for what the database holds, such as a key that
+        // another kind of message used: a runtime failure, not bad usage.
+        Outcome::DeadLetter(rejection) => return Err(Failure::from(grant_error(rejection))),
         Outcome::Dropped(_) => unreachable!("a grant is never dropped"),
     }
     print_account(&pool, &settings, &args.user, true).await
 }
 
-/// A grant the ledger rejected, in the words of the command line: a
+/// Returns a rejected grant's error in the words of the command line: a
 /// message's fields are the command's arguments and options here.
-fn grant_usage(rejection: Rejection) -> Failure {
+fn grant_error(rejection: Rejection) -> anyhow::Error {
     const ARGUMENTS: [(&str, &str); 4] = [
         ("field `message_id`", "`--idempotency-key`"),
         ("field `user_id`", "USER"),
@@ -316,7 +349,7 @@ fn grant_usage(rejection: Rejection) -> Failure {
     for (field, argument) in ARGUMENTS {
         detail = detail.replace(field, argument);
     }
-    Failure::usage(anyhow::anyhow!("{}: {detail}", rejection.reason.code()))
+    anyhow::anyhow!("{}: {detail}", rejection.reason.code())
 }
 
 fn grant_body(message: &Inbound) -> serde_json::Value {
@@ -345,7 +378,7 @@ async fn print_account(
         .with_context(|| {
             format!(
                 "account `{}` not found: no credits were ever granted to it",
-                dlq::printable(user)
+                printable(user)
             )
         })?;
     if json {
@@ -355,7 +388,7 @@ async fn print_account(
     let account = &detail.account;
     println!(
         "{}: balance {}, reserved {}, available {}, {} open holds",
-        account.user_id,
+        printable(&account.user_id),
         account.balance,
         account.reserved,
         account.available,
@@ -364,8 +397,38 @@ async fn print_account(
     for hold in &detail.holds {
         println!(
             "  stream {}: {} held, {} completion tokens counted, expires {}",
-            hold.stream_id, hold.reserved, hold.counted_completion_tokens, hold.expires_at
+            printable(&hold.stream_id),
+            hold.reserved,
+            hold.counted_completion_tokens,
+            hold.expires_at
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn printable_escapes_control_characters() {
+        assert_eq!(printable("m-1"), "m-1");
+        assert_eq!(printable("a\u{1b}[2Jb\nc\0"), "a\\u{1b}[2Jb\\nc\\u{0}");
+        assert_eq!(printable("ünï ✓ 中文 🎉 e\u{301}"), "ünï ✓ 中文 🎉 e\u{301}");
+    }
+
+    #[test]
+    fn printable_escapes_invisible_characters() {
+        assert_eq!(printable("m-\u{202e}1-m"), "m-\\u{202e}1-m");
+        assert_eq!(printable("m\u{200b}-1"), "m\\u{200b}-1");
+        assert_eq!(printable("\u{2066}m\u{2069}"), "\\u{2066}m\\u{2069}");
+        assert_eq!(printable("\u{feff}m\u{2028}"), "\\u{feff}m\\u{2028}");
+        assert_eq!(printable("m\u{e000}"), "m\\u{e000}");
+    }
+
+    #[test]
+    fn printable_doubles_backslashes() {
+        assert_ne!(printable("a\u{202e}b"), printable("a\\u{202e}b"));
+        assert_eq!(printable("a\\u{202e}b"), "a\\\\u{202e}b");
+    }
 }

@@ -30,7 +30,7 @@ use lapin::{BasicProperties, Channel, Consumer};
 use serde::Serialize;
 
 use crate::broker::{self, HEADER_DEAD_LETTER_ID, HEADER_DETAIL, HEADER_ERROR, HEADER_ROUTING_KEY};
-use crate::cli::Failure;
+use crate::cli::{Failure, printable};
 use crate::messages::RejectReason;
 use crate::settings::Settings;
 use crate::topology::{self, Names};
@@ -348,37 +348,6 @@ fn original_routing_key(letter: &Delivery) -> String {
     from_death.unwrap_or_else(|| letter.routing_key.as_str().to_owned())
 }
 
-/// Returns `text` with its invisible characters escaped: controls, which
-/// could move the cursor in or clear an operator's terminal, and format
-/// characters such as bidirectional overrides and zero-width spaces, which
-/// could make one id look like another. Unassigned, private-use and
-/// surrogate code points and line and paragraph separators are escaped
-/// too. JSON output needs no such step: it is read by programs, and JSON
-/// escapes controls itself.
-pub(crate) fn printable(text: &str) -> String {
-    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
-
-    let mut escaped = String::with_capacity(text.len());
-    for character in text.chars() {
-        let hidden = matches!(
-            character.general_category(),
-            GeneralCategory::Control
-                | GeneralCategory::Format
-                | GeneralCategory::Surrogate
-                | GeneralCategory::PrivateUse
-                | GeneralCategory::Unassigned
-                | GeneralCategory::LineSeparator
-                | GeneralCategory::ParagraphSeparator
-        );
-        if hidden {
-            escaped.extend(character.escape_default());
-        } else {
-            escaped.push(character);
-        }
-    }
-    escaped
-}
-
 fn list(letters: &[Delivery], args: &ListArgs) -> Result<(), Failure> {
     let views: Vec<DeadLetterView> = letters.iter().take(args.limit).map(view).collect();
     if args.json {
@@ -682,25 +651,4 @@ async fn purge(letters: &[Delivery], args: &PurgeArgs) -> Result<(), Failure> {
     }
     eprintln!("purged {}", count_letters(chosen.len()));
     require_found(letters, &args.id)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::printable;
-
-    #[test]
-    fn printable_escapes_control_characters() {
-        assert_eq!(printable("m-1"), "m-1");
-        assert_eq!(printable("a\u{1b}[2Jb\nc\0"), "a\\u{1b}[2Jb\\nc\\u{0}");
-        assert_eq!(printable("ünï ✓ 中文 🎉 e\u{301}"), "ünï ✓ 中文 🎉 e\u{301}");
-    }
-
-    #[test]
-    fn printable_escapes_invisible_characters() {
-        assert_eq!(printable("m-\u{202e}1-m"), "m-\\u{202e}1-m");
-        assert_eq!(printable("m\u{200b}-1"), "m\\u{200b}-1");
-        assert_eq!(printable("\u{2066}m\u{2069}"), "\\u{2066}m\\u{2069}");
-        assert_eq!(printable("\u{feff}m\u{2028}"), "\\u{feff}m\\u{2028}");
-        assert_eq!(printable("m\u{e000}"), "m\\u{e000}");
-    }
 }

@@ -576,7 +576,8 @@ impl Settings {
         let mut model_layers = Vec::new();
         let mut set_values = SetValues::new();
         if let Some(path) = path {
-            let (table, models) = read_toml(path, &mut set_values)?;
+            let read = read_toml(path, &mut set_values);
+            let (table, models) = read.map_err(|error| set_values.locate(error))?;
             set_values.add_file(path, &table)?;
             let rest = toml::to_string(&table).map_err(|error| {
                 SettingsError::invalid(path.display().to_string(), error.to_string())
@@ -589,7 +590,8 @@ impl Settings {
             .into_iter()
             .filter(|(key, _)| key.starts_with(ENV_PREFIX))
             .partition(|(key, _)| key.to_ascii_uppercase().starts_with(MODEL_ENV_PREFIX));
-        model_layers.push(models_from_env(model_vars, &mut set_values)?);
+        let env_models = models_from_env(model_vars, &mut set_values);
+        model_layers.push(env_models.map_err(|error| set_values.locate(error))?);
         set_values.add_env(&vars)?;
         set_values.check_integers()?;
         let environment = config::Environment::with_prefix(ENV_PREFIX)
@@ -606,7 +608,7 @@ impl Settings {
             .and_then(config::Config::try_deserialize)
             .map_err(|error| set_values.explain(error))?;
         for layer in model_layers {
-            apply_model_overrides(&mut settings.models, layer)?;
+            apply_model_overrides(&mut settings.models, layer).map_err(|error| set_values.locate(error))?;
         }
         Ok((settings, set_values))
     }
@@ -887,8 +889,11 @@ fn read_toml(
             .map(|(name, value)| {
                 let key = format!("models.{name}");
                 set_values.add_file_model(path, &name, &value);
-                let parsed = ModelOverride::deserialize(value)
-                    .map_err(|error| SettingsError::invalid(&key, error.message().to_owned()))?;
+                let parsed = ModelOverride::deserialize(value).map_err(|error| {
+                    // serde names the Rust type a model's table becomes.
+                    let reason = error.message().replace("struct ModelOverride", "a table of model fields");
+                    SettingsError::invalid(&key, reason)
+                })?;
                 Ok((name.to_ascii_lowercase(), parsed))
             })
             .collect::<Result<_, SettingsError>>()?,
@@ -931,7 +936,7 @@ fn models_from_env(
         let entry = models.entry(name).or_default();
         let integer = |value: &str| {
             value.trim().parse::<i64>().map_err(|_| {
-                SettingsError::invalid(&setting, format!("`{value}` is not an integer"))
+                SettingsError::invalid(&setting, format!("`{value}` is not a 64-bit integer"))
             })
         };
         match field.as_str() {
@@ -1190,6 +1195,7 @@ mod tests {
         std::fs::write(&path, "[worker]\nhome_shards = \"0,x\"\n").unwrap();
         let text = Settings::load_from(Some(&path), Vec::new()).unwrap_err().to_string();
         assert!(text.contains("`x` is not a shard number"), "{text}");
+        assert!(text.contains(&path.display().to_string()), "{text}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1276,6 +1282,29 @@ mod tests {
         let origin = format!("`models.gpt-4o.output_per_million` = `9000000000000000000` in {}", path.display());
         assert!(text.contains(&origin), "{text}");
         assert!(!text.contains("`limits.tokens_max` ="), "tokens_max was not set: {text}");
+    }
+
+    #[test]
+    fn bad_model_fields_name_their_origin() {
+        let path = settings_file("model-type", "[models.gpt-4o]\noutput_per_million = \"x\"\n");
+        let text = Settings::load_from(Some(&path), Vec::new()).unwrap_err().to_string();
+        assert!(text.contains(&format!("`models.gpt-4o.output_per_million` = `x` in {}", path.display())), "{text}");
+
+        let path = settings_file("model-missing", "[models.acme]\ninput_per_million = 3\n");
+        let text = Settings::load_from(Some(&path), Vec::new()).unwrap_err().to_string();
+        assert!(text.contains("`models.acme.output_per_million`: missing"), "{text}");
+        assert!(text.contains(&format!("`models.acme.input_per_million` = `3` in {}", path.display())), "{text}");
+
+        let path = settings_file("model-table", "[models]\n\"gpt-4o\" = 5\n");
+        let text = Settings::load_from(Some(&path), Vec::new()).unwrap_err().to_string();
+        assert!(text.contains("expected a table of model fields"), "{text}");
+    }
+
+    #[test]
+    fn huge_model_price_variable_names_the_width() {
+        let text = error_text(&[("STREAM_CREDITS__MODELS__GPT-4O__OUTPUT_PER_MILLION", "18446744073709551615")]);
+        assert!(text.contains("is not a 64-bit integer"), "{text}");
+        assert!(text.contains("environment variable STREAM_CREDITS__MODELS__GPT-4O__OUTPUT_PER_MILLION"), "{text}");
     }
 
     #[test]

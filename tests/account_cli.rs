@@ -145,6 +145,48 @@ async fn reused_key_with_other_amount_fails() {
     harness.finish().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grant_output_escapes_ids() {
+    let harness = Harness::database_only("account_escape").await;
+    let url = database_url(harness.database_name());
+    let env = [("STREAM_CREDITS__DATABASE__URL", url.as_str())];
+    let user = "u-\u{1b}[2J-\u{202e}";
+    let grant = |amount: &'static str| ["account", "grant", user, amount, "--idempotency-key", "k-\u{1b}[31m"];
+
+    let output = run_binary(&grant("5"), &env).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("granted 5 credits to u-\\u{1b}[2J-\\u{202e}"), "{stderr:?}");
+    let output = run_binary(&grant("6"), &env).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "{stderr:?}");
+    assert!(stderr.contains("`k-\\u{1b}[31m` already granted 5"), "{stderr:?}");
+    harness.finish().await;
+}
+
+/// A key that a message of another kind used depends on what the
+/// database holds, so the command fails at run time rather than as
+/// bad usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_of_another_kind_fails_at_run_time() {
+    let harness = Harness::database_only("account_kind").await;
+    let url = database_url(harness.database_name());
+    let env = [("STREAM_CREDITS__DATABASE__URL", url.as_str())];
+    sqlx::query("INSERT INTO processed_messages (user_id, message_id, kind) VALUES ($1, 'k-start', 'stream.started')")
+        .bind(USER)
+        .execute(&harness.pool)
+        .await
+        .expect("record a start's message id");
+
+    let output = run_binary(&["account", "grant", USER, "5", "--idempotency-key", "k-start"], &env).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("`--idempotency-key` was already used by a stream.started"), "{stderr}");
+    assert_eq!(harness.ledger_rows(USER, "grant").await, 0, "grant ledger rows");
+    harness.finish().await;
+}
+
 /// A grant from another session takes the same key first and commits
 /// while the command waits on the account's row: the command's insert of
 /// the key then fails, and its retry finds the key applied.

@@ -170,18 +170,35 @@ impl SetValues {
         }
     }
 
-    /// Adds to an error about `key`, which no source set by that name,
-    /// the values and origins of what set it: the fields of a section
-    /// such as a model, and the keys its reason names, such as
-    /// `limits.tokens_max` in a model's price check.
+    /// Adds the values and origins behind an error about `key`, which no
+    /// source set by that name. Those are the fields of its section, the
+    /// keys its reason names (`limits.tokens_max` in a price check), or
+    /// else the other fields of its model.
     fn with_related_origins(&self, key: String, reason: String) -> SettingsError {
+        let describe = |(set_key, set): (&String, &SetValue)| {
+            format!("`{set_key}` = `{}` in {}", set.text, set.origin)
+        };
         let section = format!("{key}.");
-        let related: Vec<String> = self
+        let mut related: Vec<String> = self
             .values
             .iter()
             .filter(|(set_key, _)| set_key.starts_with(&section) || names_key(&reason, set_key))
-            .map(|(set_key, set)| format!("`{set_key}` = `{}` in {}", set.text, set.origin))
+            .map(describe)
             .collect();
+        // A model field that no source set, such as a missing price of a
+        // new model: the model's other fields show where it was defined.
+        if related.is_empty()
+            && key.starts_with("models.")
+            && let Some((model, _)) = key.rsplit_once('.')
+        {
+            let model = format!("{model}.");
+            related = self
+                .values
+                .iter()
+                .filter(|(set_key, _)| model != "models." && set_key.starts_with(&model))
+                .map(describe)
+                .collect();
+        }
         if related.is_empty() {
             return SettingsError::Invalid { key, reason };
         }
@@ -229,13 +246,24 @@ impl SetValues {
         let Some((key, set)) = key.and_then(|key| self.values.get_key_value(key)) else {
             return SettingsError::Load(error);
         };
-        let Some(expected) = self.expected(key, &set.value) else {
-            return SettingsError::Load(error);
-        };
         let value = if key.ends_with(".url") {
             redact_url(&set.text)
         } else {
             set.text.clone()
+        };
+        let Some(expected) = self.expected(key, &set.value) else {
+            // A check of the setting's own parser, such as a shard number
+            // in a list, rather than a wrong type.
+            let reason = match &error {
+                config::ConfigError::At { error, .. } => error.to_string(),
+                other => other.to_string(),
+            };
+            return SettingsError::Rejected {
+                key: key.clone(),
+                value,
+                origin: set.origin.clone(),
+                reason,
+            };
         };
         SettingsError::Value {
             key: key.clone(),
