@@ -356,7 +356,7 @@ fn describe_type(expected: &str, positive: bool) -> &str {
     }
 }
 
-/// Whether `text` names the dotted `key` as a whole, so that
+/// Returns whether `text` names the dotted `key` as a whole, so that
 /// `limits.tokens_max` is not found in `limits.tokens_max_extra`. A full
 /// stop right after the key ends it.
 pub(super) fn names_key(text: &str, key: &str) -> bool {
