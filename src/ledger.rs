@@ -372,8 +372,15 @@ impl Ledger {
     ) -> Result<Vec<Applied>, LedgerError> {
         let mut batch = BatchState::read(conn, messages).await?;
         batch.sized = sized;
-        let mut results = Vec::with_capacity(messages.len());
+        let mut results: Vec<Option<Applied>> = Vec::with_capacity(messages.len());
+        // Starts of distinct users, placed together by one statement. A
+        // message of a user in the group places the group first, so each
+        // user's messages still apply in order.
+        let mut group = StartGroup::default();
         for (message, reply_to) in messages {
+            if group.users.contains(message.user_id()) {
+                self.place_group(conn, &mut batch, &mut group, &mut results).await?;
+            }
             let key = (message.user_id().to_owned(), message.message_id().to_owned());
 
             // A message id seen before changes nothing; a repeated start
@@ -390,14 +397,29 @@ impl Ledger {
                         ),
                         partial: Default::default(),
                     };
-                    results.push(Applied::new(Outcome::DeadLetter(rejection)));
+                    results.push(Some(Applied::new(Outcome::DeadLetter(rejection))));
                     continue;
                 }
                 let mut applied = Applied::new(Outcome::Duplicate);
                 if let Some(reply) = seen.reply.clone() {
                     applied.outgoing.extend(resend_reply(reply, reply_to));
                 }
-                results.push(applied);
+                results.push(Some(applied));
+                continue;
+            }
+
+            // A start of a stream without a hold joins the group. A start
+            // of a model without a price stays out and is denied below.
+            if let Inbound::StreamStarted(start) = message
+                && batch.sized.is_none()
+                && batch.without_hold.contains(&(start.user_id.clone(), start.stream_id.clone()))
+                && let Some(sized) = self.size_start(conn, start).await?
+            {
+                batch.flush_stream(conn, &start.user_id, &start.stream_id).await?;
+                batch.without_hold.remove(&(start.user_id.clone(), start.stream_id.clone()));
+                group.users.insert(start.user_id.clone());
+                group.starts.push(GroupedStart { index: results.len(), start, reply_to, sized });
+                results.push(None);
                 continue;
             }
 
@@ -417,10 +439,61 @@ impl Ledger {
             if applied.outcome == Outcome::Applied && !batch.known.contains_key(&key) {
                 batch.record(key, message.type_name(), stored_reply);
             }
-            results.push(applied);
+            results.push(Some(applied));
         }
+        self.place_group(conn, &mut batch, &mut group, &mut results).await?;
         batch.flush(conn).await?;
-        Ok(results)
+        Ok(results
+            .into_iter()
+            .map(|applied| applied.expect("every grouped start was placed"))
+            .collect())
+    }
+
+    /// Places the holds of the grouped starts in one statement, denies
+    /// those it could not place, and fills in their results.
+    async fn place_group(
+        &self,
+        conn: &mut PgConnection,
+        batch: &mut BatchState,
+        group: &mut StartGroup<'_>,
+        results: &mut [Option<Applied>],
+    ) -> Result<(), LedgerError> {
+        group.users.clear();
+        let starts = std::mem::take(&mut group.starts);
+        if starts.is_empty() {
+            return Ok(());
+        }
+        // A start alone takes the one-start statement, whose plan is
+        // already made.
+        let placed = if let [grouped] = starts.as_slice() {
+            let (price, allowance) = (&grouped.sized.price, grouped.sized.allowance);
+            vec![self.reserve(conn, grouped.start, price, allowance, Some(batch.now), grouped.reply_to).await?]
+        } else {
+            self.reserve_many(conn, &starts, batch.now).await?
+        };
+        for (grouped, placed) in starts.into_iter().zip(placed) {
+            let start = grouped.start;
+            let key = (start.user_id.clone(), start.message_id.clone());
+            let applied = match placed {
+                Some((body, outgoing)) => {
+                    batch.known.insert(key, Seen::new("stream.started", Some(body)));
+                    let mut applied = Applied::new(Outcome::Applied);
+                    applied.outgoing = outgoing;
+                    applied
+                }
+                None => {
+                    let requested = grouped.sized.allowance.reserved;
+                    let denial = self.explain_denial(conn, start, requested).await?;
+                    let (applied, stored_reply) = self.record_denial(conn, denial, grouped.reply_to).await?;
+                    if applied.outcome == Outcome::Applied && !batch.known.contains_key(&key) {
+                        batch.record(key, "stream.started", stored_reply);
+                    }
+                    applied
+                }
+            };
+            results[grouped.index] = Some(applied);
+        }
+        Ok(())
     }
 
     async fn apply_unbatched(
@@ -625,21 +698,7 @@ impl Ledger {
         now: Option<DateTime<Utc>>,
         reply_to: &ReplyTo,
     ) -> Result<Option<(serde_json::Value, Vec<Outgoing>)>, LedgerError> {
-        let grant = ReservationGranted {
-            kind: Default::default(),
-            event_id: Uuid::now_v7(),
-            user_id: start.user_id.clone(),
-            stream_id: start.stream_id.clone(),
-            reservation_id: Uuid::now_v7(),
-            model: start.model.clone(),
-            reserved: allowance.reserved.0,
-            prompt_tokens: allowance.prompt_tokens,
-            max_output_tokens: allowance.max_output_tokens,
-            // Set by the statement from the debited account.
-            available_after: 0,
-            expires_at: DateTime::UNIX_EPOCH,
-            sized_by: allowance.sized_by,
-        };
+        let grant = new_grant(start, allowance);
         let body = serde_json::to_value(&grant).expect("events serialize");
         let outbox = OutboxRows::new("reservation.granted", reply_to);
         // $1 to $7 are the outbox's, $7 the grant with placeholders as
@@ -693,13 +752,132 @@ impl Ledger {
             return Ok(None);
         };
         let body = body.clone();
-        assert!(
-            body["available_after"].as_i64().is_some_and(|available| available >= 0),
-            "a hold never takes available below zero"
-        );
         let ids = rows.into_iter().map(|(id, destination, _)| (id, destination)).collect();
-        let outgoing = outbox.outgoing(ids, &body);
-        Ok(Some((body, outgoing)))
+        Ok(Some(placed_grant(outbox, ids, body)))
+    }
+
+    /// Places the holds of starts of distinct users in one statement, as
+    /// [`Ledger::reserve`] places one, each under the same guard. Returns,
+    /// in the order of `starts`, each grant and where to send it, or
+    /// `None` for a start whose hold was not placed.
+    async fn reserve_many(
+        &self,
+        conn: &mut PgConnection,
+        starts: &[GroupedStart<'_>],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Option<(serde_json::Value, Vec<Outgoing>)>>, LedgerError> {
+        let mut columns = GroupColumns::default();
+        let mut outboxes = Vec::with_capacity(starts.len());
+        for (ord, grouped) in (0_i32..).zip(starts) {
+            let (start, price, allowance) = (grouped.start, &grouped.sized.price, grouped.sized.allowance);
+            let grant = new_grant(start, allowance);
+            columns.ord.push(ord);
+            columns.user_id.push(start.user_id.as_str());
+            columns.stream_id.push(start.stream_id.as_str());
+            columns.message_id.push(start.message_id.as_str());
+            columns.reserved.push(allowance.reserved.0);
+            columns.model.push(start.model.as_str());
+            columns.input_per_million.push(price.input_per_million);
+            columns.output_per_million.push(price.output_per_million);
+            columns.cached_input_per_million.push(price.cached_input_per_million);
+            columns.encoding.push(price.encoding.as_str());
+            columns.prompt_tokens.push(to_i64(allowance.prompt_tokens));
+            columns.max_output_tokens.push(to_i64(allowance.max_output_tokens));
+            columns.sized_by.push(allowance.sized_by.code());
+            columns.reservation_id.push(grant.reservation_id);
+            columns.event_id.push(grant.event_id);
+            columns.body.push(serde_json::to_string(&grant).expect("events serialize"));
+            let outbox = OutboxRows::new("reservation.granted", grouped.reply_to);
+            for (destination, routing_key, correlation_id) in &outbox.targets {
+                columns.target_ord.push(ord);
+                columns.destination.push(destination.code());
+                columns.routing_key.push(routing_key.clone());
+                columns.correlation_id.push(correlation_id.clone());
+            }
+            outboxes.push(outbox);
+        }
+        // The statement of `reserve`, over arrays: $2 to $17 are the
+        // starts by ordinal, $20 to $23 their outbox rows.
+        let query = "WITH clock AS (SELECT $1::timestamptz AS now), \
+             input AS (SELECT * FROM unnest($2::int[], $3::text[], $4::text[], $5::text[], $6::bigint[], \
+                 $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::text[], $12::bigint[], \
+                 $13::bigint[], $14::text[], $15::uuid[], $16::uuid[], $17::text[]) \
+                 AS i(ord, user_id, stream_id, message_id, reserved, model, input_per_million, \
+                 output_per_million, cached_input_per_million, encoding, prompt_tokens, max_output_tokens, \
+                 sized_by, reservation_id, event_id, body)), \
+             debit AS (UPDATE accounts a \
+                 SET reserved = a.reserved + i.reserved, holds_open = a.holds_open + 1, updated_at = now() \
+                 FROM input i \
+                 WHERE a.user_id = i.user_id AND a.balance - a.reserved >= i.reserved AND a.holds_open < $18 \
+                 AND NOT EXISTS (SELECT 1 FROM processed_messages p \
+                     WHERE p.user_id = i.user_id AND p.message_id = i.message_id) \
+                 AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.user_id = i.user_id AND h.stream_id = i.stream_id) \
+                 RETURNING i.ord, a.balance - a.reserved AS available_after), \
+             event AS (SELECT i.*, jsonb_set(jsonb_set(i.body::jsonb, '{available_after}', \
+                 to_jsonb(debit.available_after)), '{expires_at}', \
+                 to_jsonb(to_char((clock.now + $19 * interval '1 second') AT TIME ZONE 'UTC', \
+                 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))) AS granted \
+                 FROM debit JOIN input i ON i.ord = debit.ord CROSS JOIN clock), \
+             hold AS (INSERT INTO holds (reservation_id, user_id, stream_id, model, \
+                 input_per_million, output_per_million, cached_input_per_million, encoding, reserved, \
+                 initial_reserved, prompt_tokens, max_output_tokens, last_event_at, opened_at, \
+                 grant_reply, sized_by) \
+                 SELECT reservation_id, user_id, stream_id, model, input_per_million, output_per_million, \
+                 cached_input_per_million, encoding, reserved, reserved, prompt_tokens, max_output_tokens, \
+                 clock.now, clock.now, granted, sized_by FROM event, clock), \
+             processed AS (INSERT INTO processed_messages (user_id, message_id, kind, reply) \
+                 SELECT user_id, message_id, 'stream.started', granted FROM event), \
+             stored AS (INSERT INTO outbox (event_id, destination, routing_key, correlation_id, \
+                 event_type, reservation_id, body) \
+                 SELECT event.event_id, t.destination, t.routing_key, t.correlation_id, \
+                 'reservation.granted', event.reservation_id, event.granted \
+                 FROM event JOIN unnest($20::int[], $21::text[], $22::text[], $23::text[]) \
+                 AS t(ord, destination, routing_key, correlation_id) ON t.ord = event.ord \
+                 RETURNING outbox_id, destination, event_id) \
+             SELECT event.ord, stored.outbox_id, stored.destination, event.granted \
+             FROM stored JOIN event ON event.event_id = stored.event_id";
+        let ttl_seconds = i64::try_from(self.settings.reservations.ttl_seconds).unwrap_or(i64::MAX);
+        let max_active = i32::try_from(self.settings.reservations.max_active_per_user).unwrap_or(i32::MAX);
+        let rows: Vec<(i32, i64, String, serde_json::Value)> = sqlx::query_as(query)
+            .bind(now)
+            .bind(&columns.ord)
+            .bind(&columns.user_id)
+            .bind(&columns.stream_id)
+            .bind(&columns.message_id)
+            .bind(&columns.reserved)
+            .bind(&columns.model)
+            .bind(&columns.input_per_million)
+            .bind(&columns.output_per_million)
+            .bind(&columns.cached_input_per_million)
+            .bind(&columns.encoding)
+            .bind(&columns.prompt_tokens)
+            .bind(&columns.max_output_tokens)
+            .bind(&columns.sized_by)
+            .bind(&columns.reservation_id)
+            .bind(&columns.event_id)
+            .bind(&columns.body)
+            .bind(max_active)
+            .bind(ttl_seconds)
+            .bind(&columns.target_ord)
+            .bind(&columns.destination)
+            .bind(&columns.routing_key)
+            .bind(&columns.correlation_id)
+            .fetch_all(&mut *conn)
+            .await?;
+
+        let mut placed: Vec<Option<(Vec<(i64, String)>, serde_json::Value)>> = vec![None; starts.len()];
+        for (ord, outbox_id, destination, granted) in rows {
+            let index = usize::try_from(ord).expect("ordinals are the starts' indexes");
+            placed[index]
+                .get_or_insert_with(|| (Vec::new(), granted))
+                .0
+                .push((outbox_id, destination));
+        }
+        Ok(outboxes
+            .into_iter()
+            .zip(placed)
+            .map(|(outbox, placed)| placed.map(|(ids, body)| placed_grant(outbox, ids, body)))
+            .collect())
     }
 
     async fn explain_denial(
@@ -1167,6 +1345,81 @@ impl Seen {
     fn new(kind: &str, reply: Option<serde_json::Value>) -> Self {
         Self { kind: kind.to_owned(), reply }
     }
+}
+
+/// A start waiting in a batch to be placed with others, at `index` of
+/// the batch's results.
+struct GroupedStart<'a> {
+    index: usize,
+    start: &'a StreamStarted,
+    reply_to: &'a ReplyTo,
+    sized: SizedStart,
+}
+
+/// Starts of distinct users to place in one statement, and their users.
+#[derive(Default)]
+struct StartGroup<'a> {
+    starts: Vec<GroupedStart<'a>>,
+    users: HashSet<String>,
+}
+
+/// The array parameters of [`Ledger::reserve_many`]: the starts by
+/// ordinal, then their outbox rows.
+#[derive(Default)]
+struct GroupColumns<'a> {
+    ord: Vec<i32>,
+    user_id: Vec<&'a str>,
+    stream_id: Vec<&'a str>,
+    message_id: Vec<&'a str>,
+    reserved: Vec<i64>,
+    model: Vec<&'a str>,
+    input_per_million: Vec<i64>,
+    output_per_million: Vec<i64>,
+    cached_input_per_million: Vec<Option<i64>>,
+    encoding: Vec<&'a str>,
+    prompt_tokens: Vec<i64>,
+    max_output_tokens: Vec<i64>,
+    sized_by: Vec<&'static str>,
+    reservation_id: Vec<Uuid>,
+    event_id: Vec<Uuid>,
+    body: Vec<String>,
+    target_ord: Vec<i32>,
+    destination: Vec<&'static str>,
+    routing_key: Vec<String>,
+    correlation_id: Vec<Option<String>>,
+}
+
+/// Builds the grant of a start with its new ids. The statement that
+/// places the hold sets `available_after` and `expires_at`.
+fn new_grant(start: &StreamStarted, allowance: Allowance) -> ReservationGranted {
+    ReservationGranted {
+        kind: Default::default(),
+        event_id: Uuid::now_v7(),
+        user_id: start.user_id.clone(),
+        stream_id: start.stream_id.clone(),
+        reservation_id: Uuid::now_v7(),
+        model: start.model.clone(),
+        reserved: allowance.reserved.0,
+        prompt_tokens: allowance.prompt_tokens,
+        max_output_tokens: allowance.max_output_tokens,
+        available_after: 0,
+        expires_at: DateTime::UNIX_EPOCH,
+        sized_by: allowance.sized_by,
+    }
+}
+
+/// Returns a placed hold's grant and the messages that send it.
+fn placed_grant(
+    outbox: OutboxRows,
+    ids: Vec<(i64, String)>,
+    body: serde_json::Value,
+) -> (serde_json::Value, Vec<Outgoing>) {
+    assert!(
+        body["available_after"].as_i64().is_some_and(|available| available >= 0),
+        "a hold never takes available below zero"
+    );
+    let outgoing = outbox.outgoing(ids, &body);
+    (body, outgoing)
 }
 
 /// What a batch has applied but not yet written.

@@ -1,0 +1,184 @@
+//! A batch places the holds of starts of different users together, in
+//! one statement. The outcome must be what applying each message alone,
+//! in order, gives: the same grants and denials, the same balances, and
+//! each user's messages in their order.
+
+mod common;
+
+use common::{Harness, chunk, grant, start};
+use serde_json::Value;
+use sqlx::Row;
+use stream_credits::ledger::{Applied, Ledger, Outcome, ReplyTo};
+use stream_credits::messages::{self, Inbound};
+
+/// gpt-4o-mini: ceil((10 * 150,000 + 100 * 600,000) / 1,000,000) = 62.
+const HOLD_COST: i64 = 62;
+
+/// The batch: funding, then starts of several users with a second start
+/// of one user, a start that cannot be funded, a chunk of a start placed
+/// in the same batch, a repeated start and a start of an unpriced model.
+fn messages() -> Vec<(Value, Option<&'static str>)> {
+    vec![
+        (grant("u-a", "g-a", 1_000), None),
+        (grant("u-b", "g-b", 100), None),
+        (start("u-a", "s-1", "m-a1", "gpt-4o-mini", 10, 100), Some("c-a1")),
+        (start("u-b", "s-1", "m-b1", "gpt-4o-mini", 10, 100), Some("c-b1")),
+        (start("u-c", "s-1", "m-c1", "gpt-4o-mini", 10, 100), Some("c-c1")),
+        (start("u-d", "s-1", "m-d1", "no-such-model", 10, 100), Some("c-d1")),
+        (start("u-b", "s-2", "m-b2", "gpt-4o-mini", 10, 100), Some("c-b2")),
+        (chunk("u-a", "s-1", 0, "words", Some(5)), None),
+        (start("u-e", "s-1", "m-e1", "gpt-4o-mini", 10, 100), Some("c-e1")),
+        (start("u-a", "s-1", "m-a1", "gpt-4o-mini", 10, 100), Some("c-a1-again")),
+        (start("u-a", "s-2", "m-a2", "gpt-4o-mini", 10, 100), Some("c-a2")),
+        (grant("u-e", "g-e", 500), None),
+        (start("u-e", "s-2", "m-e2", "gpt-4o-mini", 10, 100), Some("c-e2")),
+    ]
+}
+
+fn decoded(harness: &Harness, body: &Value) -> Inbound {
+    let bytes = serde_json::to_vec(body).expect("JSON serializes");
+    messages::decode(&bytes, &harness.settings.limits).expect("a valid message")
+}
+
+fn reply_to(correlation_id: Option<&str>) -> ReplyTo {
+    ReplyTo {
+        queue: correlation_id.map(|_| "replies".to_owned()),
+        correlation_id: correlation_id.map(str::to_owned),
+    }
+}
+
+/// What a caller sees of a message's result: its outcome, and for each
+/// reply its correlation id, type, reason and amounts. Ids and times
+/// differ between runs, so they are left out.
+fn seen(applied: &Applied) -> String {
+    let outcome = match &applied.outcome {
+        Outcome::Applied => "applied".to_owned(),
+        Outcome::Duplicate => "duplicate".to_owned(),
+        Outcome::Dropped(reason) => format!("dropped {}", reason.code()),
+        Outcome::DeadLetter(rejection) => format!("dead letter {rejection}"),
+    };
+    let replies: Vec<String> = applied
+        .outgoing
+        .iter()
+        .map(|out| {
+            let body = &out.body;
+            format!(
+                "{:?} {:?} {} {} reserved={} available_after={} requested={} available={}",
+                out.destination,
+                out.correlation_id,
+                body["type"],
+                body["reason"],
+                body["reserved"],
+                body["available_after"],
+                body["requested"],
+                body["available"],
+            )
+        })
+        .collect();
+    format!("{outcome}: {}", replies.join("; "))
+}
+
+/// The accounts and holds, without ids and times.
+async fn state(harness: &Harness) -> (Vec<String>, Vec<String>, i64) {
+    let accounts = sqlx::query("SELECT user_id, balance, reserved, holds_open FROM accounts ORDER BY user_id")
+        .fetch_all(&harness.pool)
+        .await
+        .expect("accounts")
+        .iter()
+        .map(|row| {
+            format!(
+                "{} {} {} {}",
+                row.get::<String, _>("user_id"),
+                row.get::<i64, _>("balance"),
+                row.get::<i64, _>("reserved"),
+                row.get::<i32, _>("holds_open")
+            )
+        })
+        .collect();
+    let holds = sqlx::query(
+        "SELECT user_id, stream_id, reserved, counted_completion_tokens, chunks, \
+         grant_reply->>'available_after' AS available_after FROM holds ORDER BY user_id, stream_id",
+    )
+    .fetch_all(&harness.pool)
+    .await
+    .expect("holds")
+    .iter()
+    .map(|row| {
+        format!(
+            "{} {} {} {} {} {:?}",
+            row.get::<String, _>("user_id"),
+            row.get::<String, _>("stream_id"),
+            row.get::<i64, _>("reserved"),
+            row.get::<i64, _>("counted_completion_tokens"),
+            row.get::<i64, _>("chunks"),
+            row.get::<Option<String>, _>("available_after"),
+        )
+    })
+    .collect();
+    let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&harness.pool)
+        .await
+        .expect("outbox rows");
+    (accounts, holds, outbox)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grouped_starts_match_one_by_one() {
+    let together = Harness::database_only("grouped_batch").await;
+    let alone = Harness::database_only("grouped_alone").await;
+    let ledger = Ledger::new(together.settings.clone());
+    let bodies = messages();
+
+    // All in one batch, as the worker applies a shard's deliveries.
+    let decoded_together: Vec<(Inbound, ReplyTo)> = bodies
+        .iter()
+        .map(|(body, correlation_id)| (decoded(&together, body), reply_to(*correlation_id)))
+        .collect();
+    let batch: Vec<(&Inbound, &ReplyTo)> = decoded_together.iter().map(|(message, reply)| (message, reply)).collect();
+    let mut tx = together.pool.begin().await.expect("a transaction");
+    let grouped = ledger.apply_batch(&mut tx, &batch).await.expect("the batch applies");
+    tx.commit().await.expect("the batch commits");
+
+    // Each message in a transaction of its own, in order.
+    let mut one_by_one = Vec::new();
+    for (body, correlation_id) in &bodies {
+        let message = decoded(&alone, body);
+        let mut tx = alone.pool.begin().await.expect("a transaction");
+        let applied = ledger
+            .apply(&mut tx, &message, &reply_to(*correlation_id))
+            .await
+            .expect("the message applies");
+        tx.commit().await.expect("the message commits");
+        one_by_one.push(applied);
+    }
+
+    assert_eq!(grouped.len(), bodies.len(), "one result per message");
+    for (index, (grouped, alone)) in grouped.iter().zip(&one_by_one).enumerate() {
+        assert_eq!(seen(grouped), seen(alone), "message {index}: {:?}", bodies[index].0);
+    }
+    assert_eq!(state(&together).await, state(&alone).await);
+
+    // The cases the batch was built for came out as intended.
+    let expected = [
+        (2, format!("available_after={}", 1_000 - HOLD_COST)),
+        (3, format!("available_after={}", 100 - HOLD_COST)),
+        (4, "\"insufficient_credits\"".to_owned()),
+        (5, "\"unknown_model\"".to_owned()),
+        (6, format!("requested={HOLD_COST} available={}", 100 - HOLD_COST)),
+        (8, "\"insufficient_credits\"".to_owned()),
+        (10, format!("available_after={}", 1_000 - 2 * HOLD_COST)),
+        (12, format!("available_after={}", 500 - HOLD_COST)),
+    ];
+    for (index, text) in expected {
+        let shown = seen(&grouped[index]);
+        assert!(shown.contains(&text), "message {index}: {shown}");
+    }
+    assert!(seen(&grouped[7]).starts_with("applied"), "the chunk of a placed start counts");
+    assert!(seen(&grouped[9]).starts_with("duplicate"), "a repeated start is a duplicate");
+    assert!(seen(&grouped[9]).contains("\"c-a1-again\""), "its grant goes to the new reply address");
+    let (_, holds, _) = state(&together).await;
+    assert!(holds.contains(&format!("u-a s-1 {HOLD_COST} 5 1 Some(\"{}\")", 1_000 - HOLD_COST)), "{holds:?}");
+
+    together.finish().await;
+    alone.finish().await;
+}
