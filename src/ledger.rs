@@ -797,7 +797,10 @@ impl Ledger {
             outboxes.push(outbox);
         }
         // The statement of `reserve`, over arrays: $2 to $17 are the
-        // starts by ordinal, $20 to $23 their outbox rows.
+        // starts by ordinal, $20 to $23 their outbox rows. It joins the
+        // arrays to accounts, processed ids and holds, so it is planned
+        // afresh each time (`persistent(false)`): a plan cached while the
+        // tables were small could scan them whole once they have grown.
         let query = "WITH clock AS (SELECT $1::timestamptz AS now), \
              input AS (SELECT * FROM unnest($2::int[], $3::text[], $4::text[], $5::text[], $6::bigint[], \
                  $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::text[], $12::bigint[], \
@@ -839,6 +842,7 @@ impl Ledger {
         let ttl_seconds = i64::try_from(self.settings.reservations.ttl_seconds).unwrap_or(i64::MAX);
         let max_active = i32::try_from(self.settings.reservations.max_active_per_user).unwrap_or(i32::MAX);
         let rows: Vec<(i32, i64, String, serde_json::Value)> = sqlx::query_as(query)
+            .persistent(false)
             .bind(now)
             .bind(&columns.ord)
             .bind(&columns.user_id)

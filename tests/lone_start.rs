@@ -16,11 +16,6 @@ const USER: &str = "u-lone";
 /// gpt-4o-mini: ceil((10 * 150,000 + 100 * 600,000) / 1,000,000) = 62.
 const HOLD_COST: i64 = 62;
 
-fn decoded(harness: &Harness, body: &Value) -> Inbound {
-    let bytes = serde_json::to_vec(body).expect("JSON serializes");
-    messages::decode(&bytes, &harness.settings.limits).expect("a valid message")
-}
-
 fn as_start(message: &Inbound) -> &StreamStarted {
     match message {
         Inbound::StreamStarted(start) => start,
@@ -91,12 +86,12 @@ async fn snapshot(harness: &Harness) -> (i64, i64, i32, i64, i64, i64) {
 async fn lone_start_is_granted_by_one_statement() {
     let harness = Harness::database_only("lone_grant").await;
     let ledger = Ledger::new(harness.settings.clone());
-    let funding = decoded(&harness, &grant(USER, "g-1", 1_000));
+    let funding = harness.decoded(&grant(USER, "g-1", 1_000));
     let mut tx = harness.pool.begin().await.expect("a transaction");
     ledger.apply(&mut tx, &funding, &ReplyTo::default()).await.expect("the grant applies");
     tx.commit().await.expect("the grant commits");
 
-    let message = decoded(&harness, &start(USER, "s-1", "m-1", "gpt-4o-mini", 10, 100));
+    let message = harness.decoded(&start(USER, "s-1", "m-1", "gpt-4o-mini", 10, 100));
     let applied = grant_alone(&harness, &ledger, &message, "c-1")
         .await
         .expect("a funded start is granted");
@@ -146,8 +141,8 @@ async fn lone_start_is_granted_by_one_statement() {
 async fn lone_start_leaves_what_it_cannot_grant_unchanged() {
     let harness = Harness::database_only("lone_left").await;
     let ledger = Ledger::new(harness.settings.clone());
-    let funding = decoded(&harness, &grant(USER, "g-1", 100));
-    let first = decoded(&harness, &start(USER, "s-1", "m-1", "gpt-4o-mini", 10, 100));
+    let funding = harness.decoded(&grant(USER, "g-1", 100));
+    let first = harness.decoded(&start(USER, "s-1", "m-1", "gpt-4o-mini", 10, 100));
     let mut tx = harness.pool.begin().await.expect("a transaction");
     ledger.apply(&mut tx, &funding, &ReplyTo::default()).await.expect("the grant applies");
     ledger.apply(&mut tx, &first, &reply_to("c-1")).await.expect("the start applies");
@@ -162,13 +157,13 @@ async fn lone_start_leaves_what_it_cannot_grant_unchanged() {
         ("more than the available credits", start(USER, "s-3", "m-3", "gpt-4o-mini", 10, 100)),
     ];
     for (case, body) in cases {
-        let message = decoded(&harness, &body);
+        let message = harness.decoded(&body);
         let alone = grant_alone(&harness, &ledger, &message, "c-2").await;
         assert!(alone.is_none(), "{case}: granted by the lone statement: {alone:?}");
         assert_eq!(snapshot(&harness).await, before, "{case}: something changed");
     }
 
-    let unpriced = decoded(&harness, &start(USER, "s-4", "m-4", "no-such-model", 10, 100));
+    let unpriced = harness.decoded(&start(USER, "s-4", "m-4", "no-such-model", 10, 100));
     let mut conn = harness.pool.acquire().await.expect("a connection");
     let sized = ledger.size_start(&mut conn, as_start(&unpriced)).await.expect("the start is sized");
     assert!(sized.is_none(), "a model without a price is sized: {sized:?}");
@@ -312,7 +307,7 @@ async fn lone_start_not_granted_keeps_its_sizing() {
     settings.reservations.history_streams_min = 5;
     let ledger = Ledger::new(std::sync::Arc::new(settings));
     let apply = async |message: &Value, correlation_id: &str| -> Applied {
-        let message = decoded(&harness, message);
+        let message = harness.decoded(message);
         let mut tx = harness.pool.begin().await.expect("a transaction");
         let applied = ledger
             .apply(&mut tx, &message, &reply_to(correlation_id))
@@ -329,7 +324,7 @@ async fn lone_start_not_granted_keeps_its_sizing() {
     apply(&grant(USER, "g-1", 500), "c-grant").await;
 
     // No history yet: the hold is the model's maximum, 10 + 2 * 100.
-    let late = decoded(&harness, &without_allowance("s-late"));
+    let late = harness.decoded(&without_allowance("s-late"));
     let mut conn = harness.pool.acquire().await.expect("a connection");
     let sized = ledger
         .size_start(&mut conn, as_start(&late))

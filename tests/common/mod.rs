@@ -29,7 +29,7 @@ use stream_credits::broker::{
 };
 use stream_credits::ledger::{self, AccountView};
 use stream_credits::messages::{
-    ChunkEmitted, CreditsGranted, EndStatus, StreamEnded, StreamStarted, Usage,
+    self, ChunkEmitted, CreditsGranted, EndStatus, Inbound, StreamEnded, StreamStarted, Usage,
 };
 use stream_credits::pricing::ModelPrice;
 use stream_credits::settings::{SecretUrl, Settings};
@@ -288,6 +288,12 @@ pub struct Harness {
 }
 
 impl Harness {
+    /// Decodes a message body with the test's limits, as the worker does.
+    pub fn decoded(&self, body: &Value) -> Inbound {
+        let bytes = serde_json::to_vec(body).expect("JSON serializes");
+        messages::decode(&bytes, &self.settings.limits).expect("a valid message")
+    }
+
     /// Creates the test's database and topology and starts a worker with
     /// 2 shards, the round-price model and whatever `configure` changes.
     pub async fn start(test_name: &str, configure: impl FnOnce(&mut Settings)) -> Self {
