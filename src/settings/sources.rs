@@ -23,6 +23,18 @@ struct SetValue {
     origin: String,
 }
 
+impl SetValue {
+    /// Returns the value as written, for a message about `key`, with the
+    /// password of a URL hidden.
+    fn shown(&self, key: &str) -> String {
+        if key.ends_with(".url") {
+            redact_url(&self.text)
+        } else {
+            self.text.clone()
+        }
+    }
+}
+
 /// Every value the file and the environment set, by dotted key. A later
 /// source replaces an earlier one's value, as it does in `config`.
 pub(super) struct SetValues {
@@ -157,11 +169,7 @@ impl SetValues {
         let Some(set) = self.values.get(&key) else {
             return self.with_related_origins(key, reason);
         };
-        let value = if key.ends_with(".url") {
-            redact_url(&set.text)
-        } else {
-            set.text.clone()
-        };
+        let value = set.shown(&key);
         SettingsError::Rejected {
             key,
             value,
@@ -176,7 +184,7 @@ impl SetValues {
     /// else the other fields of its model.
     fn with_related_origins(&self, key: String, reason: String) -> SettingsError {
         let describe = |(set_key, set): (&String, &SetValue)| {
-            format!("`{set_key}` = `{}` in {}", set.text, set.origin)
+            format!("`{set_key}` = `{}` in {}", set.shown(set_key), set.origin)
         };
         let section = format!("{key}.");
         let mut related: Vec<String> = self
@@ -246,11 +254,7 @@ impl SetValues {
         let Some((key, set)) = key.and_then(|key| self.values.get_key_value(key)) else {
             return SettingsError::Load(error);
         };
-        let value = if key.ends_with(".url") {
-            redact_url(&set.text)
-        } else {
-            set.text.clone()
-        };
+        let value = set.shown(key);
         let Some(expected) = self.expected(key, &set.value) else {
             // A check of the setting's own parser, such as a shard number
             // in a list, rather than a wrong type.
@@ -370,4 +374,20 @@ pub(super) fn names_key(text: &str, key: &str) -> bool {
         };
         !before.is_some_and(|character| is_word(character) || character == '.') && !continues
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn related_origins_hide_url_passwords() {
+        let mut set_values = SetValues::new();
+        let url = ("STREAM_CREDITS__DATABASE__URL".to_owned(), "postgres://root:secret@127.0.0.1/db".to_owned());
+        set_values.add_env(&[url]).unwrap();
+
+        let text = set_values.locate(SettingsError::invalid("database", "bad section")).to_string();
+        assert!(text.contains("`database.url` = `postgres://root:***@127.0.0.1/db`"), "{text}");
+        assert!(!text.contains("secret"), "{text}");
+    }
 }
