@@ -436,9 +436,7 @@ impl Ledger {
             // Only an applied message is recorded, so a dead letter
             // replayed later is applied then. A start that placed a hold
             // has recorded its id in the statement that placed it.
-            if applied.outcome == Outcome::Applied && !batch.known.contains_key(&key) {
-                batch.record(key, message.type_name(), stored_reply);
-            }
+            batch.record_applied(key, message.type_name(), &applied.outcome, stored_reply);
             results.push(Some(applied));
         }
         self.place_group(conn, &mut batch, &mut group, &mut results).await?;
@@ -473,24 +471,12 @@ impl Ledger {
         };
         for (grouped, placed) in starts.into_iter().zip(placed) {
             let start = grouped.start;
+            let requested = grouped.sized.allowance.reserved;
+            let (applied, stored_reply) = self
+                .grant_or_deny(conn, batch, start, requested, grouped.reply_to, placed)
+                .await?;
             let key = (start.user_id.clone(), start.message_id.clone());
-            let applied = match placed {
-                Some((body, outgoing)) => {
-                    batch.known.insert(key, Seen::new("stream.started", Some(body)));
-                    let mut applied = Applied::new(Outcome::Applied);
-                    applied.outgoing = outgoing;
-                    applied
-                }
-                None => {
-                    let requested = grouped.sized.allowance.reserved;
-                    let denial = self.explain_denial(conn, start, requested).await?;
-                    let (applied, stored_reply) = self.record_denial(conn, denial, grouped.reply_to).await?;
-                    if applied.outcome == Outcome::Applied && !batch.known.contains_key(&key) {
-                        batch.record(key, "stream.started", stored_reply);
-                    }
-                    applied
-                }
-            };
+            batch.record_applied(key, "stream.started", &applied.outcome, stored_reply);
             results[grouped.index] = Some(applied);
         }
         Ok(())
@@ -592,12 +578,27 @@ impl Ledger {
                 }
             },
         };
-        let Some((body, outgoing)) = self
+        let placed = self
             .reserve(conn, start, &sized.price, sized.allowance, Some(batch.now), reply_to)
-            .await?
-        else {
-            let denial = self.explain_denial(conn, start, sized.allowance.reserved).await?;
-            return Ok(self.record_denial(conn, denial, reply_to).await?);
+            .await?;
+        self.grant_or_deny(conn, batch, start, sized.allowance.reserved, reply_to, placed)
+            .await
+    }
+
+    /// Returns a start's result once its hold was placed or not: the
+    /// grant, which the batch then knows, or a denial that says why.
+    async fn grant_or_deny(
+        &self,
+        conn: &mut PgConnection,
+        batch: &mut BatchState,
+        start: &StreamStarted,
+        requested: Credits,
+        reply_to: &ReplyTo,
+        placed: Option<(serde_json::Value, Vec<Outgoing>)>,
+    ) -> Result<(Applied, Option<serde_json::Value>), LedgerError> {
+        let Some((body, outgoing)) = placed else {
+            let denial = self.explain_denial(conn, start, requested).await?;
+            return self.record_denial(conn, denial, reply_to).await;
         };
         let processed = (start.user_id.clone(), start.message_id.clone());
         batch.known.insert(processed, Seen::new("stream.started", Some(body.clone())));
@@ -1529,6 +1530,20 @@ impl BatchState {
             }
         }
         Ok(batch)
+    }
+
+    /// Records the id of a message that applied, unless the batch knows
+    /// it already, as it knows a start whose statement recorded it.
+    fn record_applied(
+        &mut self,
+        key: (String, String),
+        kind: &'static str,
+        outcome: &Outcome,
+        reply: Option<serde_json::Value>,
+    ) {
+        if *outcome == Outcome::Applied && !self.known.contains_key(&key) {
+            self.record(key, kind, reply);
+        }
     }
 
     fn record(&mut self, key: (String, String), kind: &'static str, reply: Option<serde_json::Value>) {
