@@ -586,7 +586,7 @@ impl Ledger {
     }
 
     /// Returns a start's result once its hold was placed or not: the
-    /// grant, which the batch then knows, or a denial that says why.
+    /// grant, added to the batch's known ids, or a denial with its reason.
     async fn grant_or_deny(
         &self,
         conn: &mut PgConnection,
@@ -1532,8 +1532,8 @@ impl BatchState {
         Ok(batch)
     }
 
-    /// Records the id of a message that applied, unless the batch knows
-    /// it already, as it knows a start whose statement recorded it.
+    /// Records the id of a message that applied, unless the batch already
+    /// has it, as it has a start's id that the start's statement recorded.
     fn record_applied(
         &mut self,
         key: (String, String),
