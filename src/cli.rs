@@ -240,16 +240,19 @@ pub async fn cancel_on_signal(token: CancellationToken) {
 /// Returns `text` for a terminal, with its invisible characters escaped.
 /// Controls could clear the terminal, and format characters such as a
 /// right-to-left override or a zero-width space could make one id look
-/// like another. Separators, private-use and unassigned code points are
-/// escaped too, and a backslash is doubled, so that no id reads as the
+/// like another. Separators other than the ASCII space, private-use and
+/// unassigned code points, and the letters and marks that Unicode lets
+/// a renderer draw as nothing (a Hangul filler, a variation selector)
+/// are escaped too. A backslash is doubled, so that no id reads as the
 /// escaped form of another. JSON output keeps text as it is.
 pub(crate) fn printable(text: &str) -> String {
     use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 
     let mut escaped = String::with_capacity(text.len());
     for character in text.chars() {
+        let category = character.general_category();
         let hidden = matches!(
-            character.general_category(),
+            category,
             GeneralCategory::Control
                 | GeneralCategory::Format
                 | GeneralCategory::Surrogate
@@ -257,7 +260,8 @@ pub(crate) fn printable(text: &str) -> String {
                 | GeneralCategory::Unassigned
                 | GeneralCategory::LineSeparator
                 | GeneralCategory::ParagraphSeparator
-        );
+        ) || (category == GeneralCategory::SpaceSeparator && character != ' ')
+            || drawn_as_nothing(character);
         if hidden || character == '\\' {
             escaped.extend(character.escape_default());
         } else {
@@ -265,6 +269,24 @@ pub(crate) fn printable(text: &str) -> String {
         }
     }
     escaped
+}
+
+/// Returns whether `character` is one of the default-ignorable code
+/// points of Unicode's DerivedCoreProperties that is neither a control
+/// nor a format character, which `printable` catches by category.
+fn drawn_as_nothing(character: char) -> bool {
+    matches!(
+        character,
+        '\u{34f}'
+            | '\u{115f}'..='\u{1160}'
+            | '\u{17b4}'..='\u{17b5}'
+            | '\u{180b}'..='\u{180d}'
+            | '\u{180f}'
+            | '\u{3164}'
+            | '\u{fe00}'..='\u{fe0f}'
+            | '\u{ffa0}'
+            | '\u{e0100}'..='\u{e01ef}'
+    )
 }
 
 /// Retries of `account grant` after its transaction fails for a reason
@@ -424,6 +446,14 @@ mod tests {
         assert_eq!(printable("\u{2066}m\u{2069}"), "\\u{2066}m\\u{2069}");
         assert_eq!(printable("\u{feff}m\u{2028}"), "\\u{feff}m\\u{2028}");
         assert_eq!(printable("m\u{e000}"), "m\\u{e000}");
+    }
+
+    #[test]
+    fn printable_escapes_spaces_and_blank_letters() {
+        assert_eq!(printable("m 1"), "m 1");
+        assert_eq!(printable("m\u{a0}1\u{3000}\u{2009}"), "m\\u{a0}1\\u{3000}\\u{2009}");
+        assert_eq!(printable("m\u{34f}\u{3164}\u{115f}\u{ffa0}"), "m\\u{34f}\\u{3164}\\u{115f}\\u{ffa0}");
+        assert_eq!(printable("m\u{fe0f}\u{e0100}"), "m\\u{fe0f}\\u{e0100}");
     }
 
     #[test]

@@ -25,12 +25,17 @@ struct SetValue {
 
 impl SetValue {
     /// Returns the value as written, for a message about `key`, with the
-    /// password of a URL hidden.
+    /// password of a URL hidden. A list or a table set for a URL is not
+    /// shown, as one of its strings may hold the password.
     fn shown(&self, key: &str) -> String {
-        if key.ends_with(".url") {
-            redact_url(&self.text)
-        } else {
-            self.text.clone()
+        if !key.ends_with(".url") {
+            return self.text.clone();
+        }
+        match &self.value {
+            Value::String(_) => redact_url(&self.text),
+            Value::Array(_) => "[…]".to_owned(),
+            Value::Object(_) => "{…}".to_owned(),
+            _ => self.text.clone(),
         }
     }
 }
@@ -287,6 +292,11 @@ impl SetValues {
         *slot = value.clone();
         let message = serde_json::from_value::<Settings>(tree).err()?.to_string();
         let (_, expected) = message.rsplit_once(", expected ")?;
+        // serde names no choice when a choice is given a number or a list.
+        // A text that no choice has makes it list them.
+        if expected == "string or map" && !value.is_string() {
+            return self.expected(key, &Value::String(String::new()));
+        }
         let positive = Settings::default().positive_counts().iter().any(|(name, _)| *name == key);
         Some(describe_type(expected, positive).to_owned())
     }
@@ -389,5 +399,23 @@ mod tests {
         let text = set_values.locate(SettingsError::invalid("database", "bad section")).to_string();
         assert!(text.contains("`database.url` = `postgres://root:***@127.0.0.1/db`"), "{text}");
         assert!(!text.contains("secret"), "{text}");
+    }
+
+    #[test]
+    fn shown_hides_a_url_list() {
+        let mut set_values = SetValues::new();
+        let table: toml::Table = toml::from_str("[database]\nurl = [\"postgres://root:secret@h/db\"]").unwrap();
+        set_values.add_file(Path::new("a.toml"), &table).unwrap();
+
+        let text = set_values.locate(SettingsError::invalid("database.url", "expected a string")).to_string();
+        assert!(text.contains("invalid value `[…]` for `database.url` in a.toml"), "{text}");
+        assert!(!text.contains("secret"), "{text}");
+    }
+
+    #[test]
+    fn expected_lists_choices_for_a_number() {
+        let set_values = SetValues::new();
+        let expected = set_values.expected("reservations.overrun", &Value::from(5)).unwrap();
+        assert_eq!(expected, "`debit` or `cap`");
     }
 }
