@@ -574,7 +574,7 @@ impl Ledger {
                 Some(sized) => sized,
                 None => {
                     let denial = self.denial(start, DenialReason::UnknownModel, None, None);
-                    return Ok(self.record_denial(conn, denial, reply_to).await?);
+                    return self.record_denial(conn, denial, reply_to).await;
                 }
             },
         };
@@ -870,7 +870,7 @@ impl Ledger {
             .fetch_all(&mut *conn)
             .await?;
 
-        let mut placed: Vec<Option<(Vec<(i64, String)>, serde_json::Value)>> = vec![None; starts.len()];
+        let mut placed: Vec<Option<(StoredRows, serde_json::Value)>> = vec![None; starts.len()];
         for (ord, outbox_id, destination, granted) in rows {
             let index = usize::try_from(ord).expect("ordinals are the starts' indexes");
             placed[index]
@@ -1146,7 +1146,7 @@ impl Ledger {
             balance_after: balance,
         };
         let body = serde_json::to_value(&event).expect("events serialize");
-        Ok(enqueue(
+        enqueue(
             conn,
             event.event_id,
             "reservation.settled",
@@ -1154,7 +1154,7 @@ impl Ledger {
             &body,
             &ReplyTo::default(),
         )
-        .await?)
+        .await
     }
 
     /// Corrects an expired hold when its `stream.ended` arrives late: the
@@ -1215,7 +1215,7 @@ impl Ledger {
             balance_after: balance,
         };
         let body = serde_json::to_value(&event).expect("events serialize");
-        Ok(enqueue(
+        enqueue(
             conn,
             event.event_id,
             "reservation.adjusted",
@@ -1223,7 +1223,7 @@ impl Ledger {
             &body,
             &ReplyTo::default(),
         )
-        .await?)
+        .await
     }
 
     fn compute(&self, hold: &Hold, status: SettleStatus, usage: Option<Usage>) -> Settlement {
@@ -1416,7 +1416,7 @@ fn new_grant(start: &StreamStarted, allowance: Allowance) -> ReservationGranted 
 /// Returns a placed hold's grant and the messages that send it.
 fn placed_grant(
     outbox: OutboxRows,
-    ids: Vec<(i64, String)>,
+    ids: StoredRows,
     body: serde_json::Value,
 ) -> (serde_json::Value, Vec<Outgoing>) {
     assert!(
@@ -1865,7 +1865,7 @@ impl OutboxRows {
     }
 
     /// Returns the messages to publish, each with the id of its stored row.
-    fn outgoing(self, ids: Vec<(i64, String)>, body: &serde_json::Value) -> Vec<Outgoing> {
+    fn outgoing(self, ids: StoredRows, body: &serde_json::Value) -> Vec<Outgoing> {
         let event_type = self.event_type;
         self.targets
             .into_iter()
@@ -1887,6 +1887,10 @@ impl OutboxRows {
             .collect()
     }
 }
+
+/// The outbox rows that a statement stored for one event: each row's id
+/// and the code of its destination.
+type StoredRows = Vec<(i64, String)>;
 
 /// Stores an event in the outbox and returns the messages to publish.
 async fn enqueue(

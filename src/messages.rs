@@ -272,7 +272,8 @@ pub struct Rejection {
     pub reason: RejectReason,
     pub detail: String,
     /// What the decoder could read of the message, for a denial reply.
-    pub partial: PartialIds,
+    /// Boxed, so that a result carrying a rejection stays small.
+    pub partial: Box<PartialIds>,
 }
 
 /// Ids read from a message that failed validation, when they were valid.
@@ -289,7 +290,7 @@ impl Rejection {
         Self {
             reason,
             detail: detail.into(),
-            partial: PartialIds::default(),
+            partial: Box::default(),
         }
     }
 }
@@ -326,7 +327,7 @@ pub fn decode(body: &[u8], limits: &LimitSettings) -> Result<Inbound, Rejection>
     };
     let partial = fields.partial_ids();
     fields.decode().map_err(|mut rejection| {
-        rejection.partial = partial;
+        rejection.partial = Box::new(partial);
         rejection
     })
 }

@@ -732,7 +732,7 @@ impl Shard {
                     match applied.outcome {
                         Outcome::DeadLetter(rejection) => {
                             let answer = Rejection {
-                                partial: message_ids(message),
+                                partial: Box::new(message_ids(message)),
                                 ..rejection.clone()
                             };
                             outgoing.extend(invalid_request_reply(&answer, &item.reply_to));
@@ -1152,7 +1152,7 @@ fn routed_by_user(message: Inbound, routing_key: &str) -> Result<Inbound, Reject
     Err(Rejection {
         reason: messages::RejectReason::InvalidField,
         detail: "the routing key differs from field `user_id`; publish with routing key = user_id".to_owned(),
-        partial: message_ids(&message),
+        partial: Box::new(message_ids(&message)),
     })
 }
 

@@ -75,7 +75,7 @@ async fn redelivery_applies_once() {
 
     // Grant: the original, then its redeliveries in a later batch.
     let first_grant = Outbound::json(&grant(USER, "g-1", FIRST_GRANT));
-    harness.publish_all(&[first_grant.clone()]).await;
+    harness.publish_all(std::slice::from_ref(&first_grant)).await;
     harness.barrier(USER).await;
     harness.publish_all(&redeliveries(&first_grant)).await;
     harness.barrier(USER).await;
@@ -157,7 +157,7 @@ async fn redelivery_applies_once() {
     for (seq, tokens) in CHUNK_TOKENS.into_iter().enumerate() {
         let body = chunk(USER, STREAM, seq as u64, "text", Some(tokens));
         let original = Outbound::json(&body);
-        harness.publish_all(&[original.clone()]).await;
+        harness.publish_all(std::slice::from_ref(&original)).await;
         harness.barrier(USER).await;
         harness.publish_all(&redeliveries(&original)).await;
     }
@@ -170,7 +170,7 @@ async fn redelivery_applies_once() {
 
     // End: settled once.
     let ended = Outbound::json(&end(USER, STREAM, "m-end", EndStatus::Completed, None));
-    harness.publish_all(&[ended.clone()]).await;
+    harness.publish_all(std::slice::from_ref(&ended)).await;
     let settled = harness.event("reservation.settled", STREAM).await;
     harness.publish_all(&redeliveries(&ended)).await;
     harness.barrier(USER).await;
