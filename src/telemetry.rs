@@ -6,14 +6,16 @@ use tracing_subscriber::EnvFilter;
 
 use crate::settings::{LogFormat, LogSettings};
 
-/// Filter added after the configured level: PostgreSQL's notices below
+/// Filter put before the configured level: PostgreSQL's notices below
 /// WARNING, such as "relation already exists, skipping" on each
-/// migration check, say nothing an operator can act on.
+/// migration check, say nothing an operator can act on. A directive for
+/// the same target in `log.level` comes later and wins.
 const QUIET_NOTICES: &str = "sqlx::postgres::notice=warn";
 
-/// Filter added for a command other than the worker: every lapin error
-/// reaches the command, which prints it once with what to do, so lapin's
-/// own log lines would only repeat it in its internal terms.
+/// Filter put before the configured level for a command other than the
+/// worker, as `QUIET_NOTICES` is. Every lapin error reaches the command,
+/// which prints it once with what to do, so lapin's own log lines would
+/// only repeat it in its internal terms.
 const QUIET_BROKER_LIBRARY: &str = "lapin=off";
 
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides the
@@ -21,11 +23,11 @@ const QUIET_BROKER_LIBRARY: &str = "lapin=off";
 /// lapin's own log lines. Calling it twice keeps the first subscriber.
 pub fn init(settings: &LogSettings, quiet_broker_library: bool) {
     let configured = || {
-        let mut directives = format!("{},{QUIET_NOTICES}", settings.level);
+        let mut directives = QUIET_NOTICES.to_owned();
         if quiet_broker_library {
             directives = format!("{directives},{QUIET_BROKER_LIBRARY}");
         }
-        EnvFilter::new(directives)
+        EnvFilter::new(format!("{directives},{}", settings.level))
     };
     let filter = match std::env::var(EnvFilter::DEFAULT_ENV) {
         Ok(directives) => EnvFilter::try_new(&directives).unwrap_or_else(|error| {

@@ -1301,13 +1301,15 @@ pub fn end(
 }
 
 /// Runs the built binary with `args`, with `env` added to an environment
-/// cleared of every `STREAM_CREDITS__` variable, from a directory without
-/// a `stream-credits.toml`.
+/// cleared of `RUST_LOG` and of every `STREAM_CREDITS__` variable, from a
+/// directory without a `stream-credits.toml`. Without `RUST_LOG` in `env`,
+/// the binary logs at the `log.level` that the test configures.
 pub async fn run_binary(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let directory = std::env::temp_dir().join(format!("sc-cli-{}", short_id()));
     std::fs::create_dir_all(&directory).expect("create a working directory");
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_stream-credits"));
     command.args(args).current_dir(&directory);
+    command.env_remove("RUST_LOG");
     for (key, _) in std::env::vars() {
         if key.starts_with("STREAM_CREDITS") {
             command.env_remove(key);
