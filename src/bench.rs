@@ -33,7 +33,7 @@ const CONFIRM_WINDOW: usize = 2_000;
 
 /// Rounds of a ceiling run and a worker run whose ratios give the
 /// median, after one round that warms up the queues.
-const THROUGHPUT_ROUNDS: usize = 5;
+const THROUGHPUT_ROUNDS: usize = 9;
 
 /// Credits of each benchmark user: far more than any hold it places.
 const USER_CREDITS: i64 = 1_000_000_000;
