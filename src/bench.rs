@@ -5,7 +5,7 @@
 //! a pass or fail check. The last line printed is one JSON object with
 //! the headline figures.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -91,6 +91,10 @@ pub struct Figures {
     /// The echo through a transient queue, the broker's shortest route.
     pub echo_transient_rtt_p50_ms: f64,
     pub echo_transient_rtt_p99_ms: f64,
+    /// pgbench with one client at the grant measurement's rate: `SELECT
+    /// 1`, the round trip alone, and a one-row update with its commit.
+    pub paced_select_p50_ms: f64,
+    pub paced_commit_p50_ms: f64,
     pub db_transactions_per_chunk: f64,
     pub reservations_per_second: f64,
     pub pgbench_tps: f64,
@@ -198,6 +202,7 @@ pub async fn run(settings: Arc<Settings>, args: BenchArgs) -> Result<(), Failure
     let ceiling = with_prefix(&settings, &ceiling_prefix);
     (figures.echo_rtt_p50_ms, figures.echo_rtt_p99_ms) = echo_rtt(&connection, &ceiling, &run_id, &args).await?;
     (figures.echo_transient_rtt_p50_ms, figures.echo_transient_rtt_p99_ms) = transient_echo_rtt(&connection, &args).await?;
+    (figures.paced_select_p50_ms, figures.paced_commit_p50_ms) = paced_statements(&settings, &pool, &args).await?;
     progress.inc(1);
 
     progress.set_message("reservations and pgbench");
@@ -720,20 +725,10 @@ async fn pgbench(settings: &Settings, pool: &PgPool) -> Result<f64, Failure> {
     sqlx::query("UPDATE pgbench_accounts_copy SET user_id = 'bench-' || split_part(user_id, '-u', 2)")
         .execute(pool)
         .await?;
-    let url = url::Url::parse(settings.database.url.expose()).map_err(Failure::usage)?;
     let clients = settings.database.max_connections.to_string();
-    let output = tokio::process::Command::new("pgbench")
-        .args(["-n", "-T", "10", "-c", &clients, "-j", "2", "-f"])
-        .arg(&script)
-        .args(["-h", url.host_str().unwrap_or("127.0.0.1")])
-        .args(["-p", &url.port().unwrap_or(5432).to_string()])
-        .args(["-U", if url.username().is_empty() { "root" } else { url.username() }])
-        .arg(url.path().trim_start_matches('/'))
-        .env("PGPASSWORD", url.password().unwrap_or_default())
-        .output()
-        .await
-        .context("cannot run pgbench; install PostgreSQL's client tools")?;
+    let output = run_pgbench(settings, &["-T", "10", "-c", &clients, "-j", "2"], &script).await;
     let _ = std::fs::remove_file(&script);
+    let output = output?;
     let text = String::from_utf8_lossy(&output.stdout);
     let tps = text
         .lines()
@@ -742,6 +737,94 @@ async fn pgbench(settings: &Settings, pool: &PgPool) -> Result<f64, Failure> {
         .and_then(|value| value.parse::<f64>().ok())
         .with_context(|| format!("pgbench printed no tps: {}", String::from_utf8_lossy(&output.stderr)))?;
     Ok(tps)
+}
+
+/// Runs pgbench without vacuuming, with `options` and the script file
+/// `script`, on the database of `settings`.
+async fn run_pgbench(settings: &Settings, options: &[&str], script: &Path) -> Result<std::process::Output, Failure> {
+    let url = url::Url::parse(settings.database.url.expose()).map_err(Failure::usage)?;
+    let output = tokio::process::Command::new("pgbench")
+        .arg("-n")
+        .args(options)
+        .arg("-f")
+        .arg(script)
+        .args(["-h", url.host_str().unwrap_or("127.0.0.1")])
+        .args(["-p", &url.port().unwrap_or(5432).to_string()])
+        .args(["-U", if url.username().is_empty() { "root" } else { url.username() }])
+        .arg(url.path().trim_start_matches('/'))
+        .env("PGPASSWORD", url.password().unwrap_or_default())
+        .output()
+        .await
+        .context("cannot run pgbench; install PostgreSQL's client tools")?;
+    Ok(output)
+}
+
+/// Returns the median latencies, in milliseconds, of `SELECT 1` and of a
+/// one-row update with its commit, each run by pgbench with one client at
+/// the grant measurement's rate and for as long. A grant waits for its
+/// hold's commit, so it adds at least one such update to the echo.
+async fn paced_statements(settings: &Settings, pool: &PgPool, args: &BenchArgs) -> Result<(f64, f64), Failure> {
+    sqlx::query("CREATE TABLE IF NOT EXISTS bench_paced_update (id int PRIMARY KEY, n bigint NOT NULL)")
+        .execute(pool)
+        .await?;
+    sqlx::query("INSERT INTO bench_paced_update VALUES (1, 0) ON CONFLICT DO NOTHING")
+        .execute(pool)
+        .await?;
+    let select = paced_p50(settings, args, "SELECT 1;\n").await?;
+    let update = paced_p50(settings, args, "UPDATE bench_paced_update SET n = n + 1 WHERE id = 1;\n").await?;
+    Ok((select, update))
+}
+
+/// Runs `statement` as pgbench's script with one client at the grant
+/// rate and returns the median of the latencies it logs for each
+/// transaction, in milliseconds.
+async fn paced_p50(settings: &Settings, args: &BenchArgs, statement: &str) -> Result<f64, Failure> {
+    let directory = std::env::temp_dir().join(format!("stream-credits-paced-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir(&directory)?;
+    let script = directory.join("script.sql");
+    std::fs::write(&script, statement)?;
+
+    let rate = args.grant_rate.to_string();
+    let seconds = args.grant_seconds.to_string();
+    let prefix = format!("--log-prefix={}", directory.join(LATENCY_LOG).display());
+    let output = run_pgbench(settings, &["-c", "1", "-R", &rate, "-T", &seconds, "-l", &prefix], &script).await;
+    let latencies = output.and_then(|output| {
+        let latencies = logged_latencies(&directory)?;
+        if latencies.is_empty() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            return Err(anyhow::anyhow!("pgbench logged no transaction: {stderr}").into());
+        }
+        Ok(latencies)
+    });
+    let _ = std::fs::remove_dir_all(&directory);
+
+    let mut latencies = latencies?;
+    latencies.sort_by(f64::total_cmp);
+    Ok(percentile(&latencies, 0.50))
+}
+
+/// Start of the names of pgbench's transaction logs.
+const LATENCY_LOG: &str = "latency";
+
+/// Reads the latencies, in milliseconds, of the transaction logs that
+/// pgbench wrote to `directory`, one file per thread. The third field of
+/// each line is a transaction's latency in microseconds.
+fn logged_latencies(directory: &Path) -> Result<Vec<f64>, Failure> {
+    let mut latencies = Vec::new();
+    for entry in std::fs::read_dir(directory)? {
+        let path = entry?.path();
+        if !path.file_name().is_some_and(|name| name.to_string_lossy().starts_with(LATENCY_LOG)) {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path)?;
+        latencies.extend(
+            text.lines()
+                .filter_map(|line| line.split_whitespace().nth(2))
+                .filter_map(|micros| micros.parse::<f64>().ok())
+                .map(|micros| micros / 1000.0),
+        );
+    }
+    Ok(latencies)
 }
 
 /// Resident memory the worker process gains per open stream with many
@@ -951,6 +1034,11 @@ fn print_figures(figures: &Figures, curve: &[(usize, f64)], args: &BenchArgs) {
             format!("{:.2} / {:.2}", figures.echo_transient_rtt_p50_ms, figures.echo_transient_rtt_p99_ms),
             String::new(),
         ),
+        (
+            "PostgreSQL at the grant rate, 1 client p50, ms: SELECT 1 / one-row update",
+            format!("{:.2} / {:.2}", figures.paced_select_p50_ms, figures.paced_commit_p50_ms),
+            String::new(),
+        ),
         ("database transactions per chunk", format!("{:.4}", figures.db_transactions_per_chunk), "≤ 0.05".to_owned()),
         ("reservations/s at saturation", format!("{:.0}", figures.reservations_per_second), format!("≥ pgbench ({:.0})", figures.pgbench_tps)),
         ("pgbench tps, same transaction", format!("{:.0}", figures.pgbench_tps), String::new()),
@@ -971,6 +1059,8 @@ fn print_figures(figures: &Figures, curve: &[(usize, f64)], args: &BenchArgs) {
         "grant_rtt_p99_ms": figures.grant_rtt_p99_ms,
         "echo_rtt_p50_ms": figures.echo_rtt_p50_ms,
         "echo_transient_rtt_p50_ms": figures.echo_transient_rtt_p50_ms,
+        "paced_select_p50_ms": figures.paced_select_p50_ms,
+        "paced_commit_p50_ms": figures.paced_commit_p50_ms,
         "db_transactions_per_chunk": figures.db_transactions_per_chunk,
         "reservations_per_second": figures.reservations_per_second,
         "pgbench_tps": figures.pgbench_tps,
