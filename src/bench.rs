@@ -807,8 +807,10 @@ async fn paced_p50(settings: &Settings, args: &BenchArgs, statement: &str) -> Re
 const LATENCY_LOG: &str = "latency";
 
 /// Reads the latencies, in milliseconds, of the transaction logs that
-/// pgbench wrote to `directory`, one file per thread. The third field of
-/// each line is a transaction's latency in microseconds.
+/// pgbench wrote to `directory`, one file per thread. In each line the
+/// third field is the time from the transaction's scheduled start to its
+/// end, in microseconds. With a rate, the seventh is how late it started,
+/// which is taken off, so that a latency is the transaction's own.
 fn logged_latencies(directory: &Path) -> Result<Vec<f64>, Failure> {
     let mut latencies = Vec::new();
     for entry in std::fs::read_dir(directory)? {
@@ -817,14 +819,18 @@ fn logged_latencies(directory: &Path) -> Result<Vec<f64>, Failure> {
             continue;
         }
         let text = std::fs::read_to_string(&path)?;
-        latencies.extend(
-            text.lines()
-                .filter_map(|line| line.split_whitespace().nth(2))
-                .filter_map(|micros| micros.parse::<f64>().ok())
-                .map(|micros| micros / 1000.0),
-        );
+        latencies.extend(text.lines().filter_map(own_latency_ms));
     }
     Ok(latencies)
+}
+
+/// Returns the latency of one line of a pgbench transaction log, less its
+/// schedule lag when the line has one, in milliseconds.
+fn own_latency_ms(line: &str) -> Option<f64> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let micros = fields.get(2)?.parse::<f64>().ok()?;
+    let lag = fields.get(6).and_then(|lag| lag.parse::<f64>().ok()).unwrap_or(0.0);
+    Some((micros - lag) / 1000.0)
 }
 
 /// Resident memory the worker process gains per open stream with many
@@ -1084,6 +1090,13 @@ mod tests {
         };
         assert_eq!(failure.code, 2);
         assert!(failure.error.to_string().contains("`credits`"), "{}", failure.error);
+    }
+
+    #[test]
+    fn own_latency_takes_off_the_lag() {
+        assert_eq!(own_latency_ms("0 12 450 0 1764990000 123456 50"), Some(0.4));
+        assert_eq!(own_latency_ms("0 12 450 0 1764990000 123456"), Some(0.45));
+        assert_eq!(own_latency_ms("0 12"), None);
     }
 
     #[test]
