@@ -91,9 +91,10 @@ pub struct Figures {
     /// The echo through a transient queue, the broker's shortest route.
     pub echo_transient_rtt_p50_ms: f64,
     pub echo_transient_rtt_p99_ms: f64,
-    /// pgbench with one client at the grant measurement's rate: `SELECT
-    /// 1`, the round trip alone, and a one-row update with its commit.
+    /// Median latency of `SELECT 1`, the round trip alone, run by pgbench
+    /// with one client at the grant measurement's rate.
     pub paced_select_p50_ms: f64,
+    /// Median latency of a one-row update with its commit, run the same way.
     pub paced_commit_p50_ms: f64,
     pub db_transactions_per_chunk: f64,
     pub reservations_per_second: f64,
@@ -776,8 +777,8 @@ async fn paced_statements(settings: &Settings, pool: &PgPool, args: &BenchArgs) 
 }
 
 /// Runs `statement` as pgbench's script with one client at the grant
-/// rate and returns the median of the latencies it logs for each
-/// transaction, in milliseconds.
+/// rate and returns the median latency of its transactions, in
+/// milliseconds, as `logged_latencies` reads them.
 async fn paced_p50(settings: &Settings, args: &BenchArgs, statement: &str) -> Result<f64, Failure> {
     let directory = std::env::temp_dir().join(format!("stream-credits-paced-{}", Uuid::new_v4().simple()));
     std::fs::create_dir(&directory)?;
@@ -792,7 +793,10 @@ async fn paced_p50(settings: &Settings, args: &BenchArgs, statement: &str) -> Re
         let latencies = logged_latencies(&directory)?;
         if latencies.is_empty() {
             let stderr = String::from_utf8_lossy(&output.stderr);
-            return Err(anyhow::anyhow!("pgbench logged no transaction: {stderr}").into());
+            return Err(anyhow::anyhow!(
+                "pgbench logged no transaction; check that it can reach the benchmark database: {stderr}"
+            )
+            .into());
         }
         Ok(latencies)
     });
