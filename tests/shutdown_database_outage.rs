@@ -127,6 +127,24 @@ async fn ready_messages(harness: &Harness) -> u32 {
     ready
 }
 
+/// Longest wait for the broker to return a closed connection's
+/// unacknowledged deliveries to their queue, which it does after the
+/// connection has gone.
+const RETURN_WAIT: Duration = Duration::from_secs(10);
+
+/// Reads the ready messages of the shard queues until there are at least
+/// `expected` or `RETURN_WAIT` has passed, and returns the last count.
+async fn ready_messages_once_returned(harness: &Harness, expected: u32) -> u32 {
+    let deadline = Instant::now() + RETURN_WAIT;
+    loop {
+        let ready = ready_messages(harness).await;
+        if ready >= expected || Instant::now() >= deadline {
+            return ready;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_waits_for_returning_database() {
     let proxy = TcpProxy::start("127.0.0.1:5432").await;
@@ -193,7 +211,7 @@ async fn shutdown_ends_retries_on_broker_loss() {
         "the worker applied part of the batch it gave up"
     );
     assert_eq!(
-        ready_messages(&harness).await,
+        ready_messages_once_returned(&harness, 3).await,
         3,
         "the broker did not hold the batch for the next worker"
     );
