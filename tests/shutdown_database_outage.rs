@@ -127,7 +127,7 @@ async fn ready_messages(harness: &Harness) -> u32 {
     ready
 }
 
-/// Longest wait for the broker to return a closed connection's
+/// Maximum wait for the broker to return a closed connection's
 /// unacknowledged deliveries to their queue, which it does after the
 /// connection has gone.
 const RETURN_WAIT: Duration = Duration::from_secs(10);
