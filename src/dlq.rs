@@ -31,7 +31,7 @@ use serde::Serialize;
 
 use crate::broker::{self, HEADER_DEAD_LETTER_ID, HEADER_DETAIL, HEADER_ERROR, HEADER_ROUTING_KEY};
 use crate::cli::{Failure, printable};
-use crate::messages::RejectReason;
+use crate::messages::{self, RejectReason};
 use crate::settings::Settings;
 use crate::topology::{self, Names};
 
@@ -121,11 +121,12 @@ pub struct DeadLetterView {
     pub reason: String,
     pub detail: String,
     pub routing_key: String,
-    /// `type` of the original message, when its body was JSON.
+    /// `type` of the original message, when its body was JSON with no
+    /// key twice.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message_type: Option<String>,
-    /// `message_id` of the original message's JSON body, else its AMQP
-    /// `message_id` property.
+    /// `message_id` of the original message's JSON body (with no key
+    /// twice), else its AMQP `message_id` property.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message_id: Option<String>,
     pub bytes: usize,
@@ -263,7 +264,7 @@ fn letter_id(letter: &Delivery) -> String {
 fn view(letter: &Delivery) -> DeadLetterView {
     let headers = letter.properties.headers().as_ref();
     let ours = broker::header_text(headers, HEADER_ERROR);
-    let body: Option<serde_json::Value> = serde_json::from_slice(&letter.data).ok();
+    let body = messages::unique_keys_json(&letter.data);
     let text = |key: &str| {
         body.as_ref()
             .and_then(|body| body.get(key))
@@ -390,12 +391,11 @@ fn show(letters: &[Delivery], id: &str) -> Result<(), Failure> {
         .find(|letter| letter_id(letter) == id)
         .ok_or_else(|| not_found(&[id.to_owned()]))?;
     let properties = &letter.properties;
-    let body = match serde_json::from_slice::<serde_json::Value>(&letter.data) {
-        Ok(json) => json,
-        Err(_) => {
-            serde_json::Value::String(String::from_utf8_lossy(&letter.data).into_owned())
-        }
-    };
+    // A body with a repeated key is shown as text: as JSON it would keep
+    // only the last value of that key.
+    let body = messages::unique_keys_json(&letter.data).unwrap_or_else(|| {
+        serde_json::Value::String(String::from_utf8_lossy(&letter.data).into_owned())
+    });
     let headers = properties
         .headers()
         .as_ref()

@@ -332,6 +332,13 @@ pub fn decode(body: &[u8], limits: &LimitSettings) -> Result<Inbound, Rejection>
     })
 }
 
+/// Parses `body` as JSON in which no object has a key twice, or returns
+/// `None`. Code that reads a field of a body the worker may have refused
+/// parses it here, so that it never picks one of two values.
+pub fn unique_keys_json(body: &[u8]) -> Option<Value> {
+    serde_json::from_slice(body).ok().map(|UniqueKeysValue(value)| value)
+}
+
 /// Builds the rejection of a body that serde_json could not read. A data
 /// error can only come from [`UniqueKeysVisitor`], whose message names the
 /// repeated key. Every other error is a syntax error, which serde_json

@@ -7,7 +7,8 @@
 //! fail on ids they cannot find, that broker letters with one body but
 //! other properties get ids of their own, and that `list` against a
 //! prefix no worker declared names the missing queue and creates
-//! nothing.
+//! nothing, and that `list` takes no id from a body with a repeated key
+//! while `show` prints that body as sent.
 
 mod common;
 
@@ -503,5 +504,36 @@ async fn list_escapes_control_characters() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "show of an unknown id exited 0");
     assert!(stderr.contains("`x-\\u{1b}[2J` not found"), "{stderr:?}");
+    harness.finish().await;
+}
+
+/// A body that names two message ids was refused for it, so `list` takes
+/// neither: it falls back to the AMQP property, as for a body that is not
+/// JSON. `show` prints such a body as text, both keys in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_takes_no_id_from_a_repeated_key() {
+    let harness = Harness::start("dlq_repeated", |_| {}).await;
+    let body = format!(
+        r#"{{"type": "credits.granted", "message_id": "m-first", "message_id": "m-second", "user_id": "{USER}", "amount": 5}}"#
+    );
+    let repeated = Outbound {
+        routing_key: USER.to_owned(),
+        body: body.clone().into_bytes(),
+        message_id: Some("m-property".to_owned()),
+        correlation_id: None,
+    };
+    harness.publish_all(&[repeated]).await;
+    harness.wait_dead_letter_count(1).await;
+
+    let listed = list(&harness).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["reason"], "invalid_json", "{listed:?}");
+    assert_eq!(listed[0]["message_id"], "m-property", "{listed:?}");
+    assert_eq!(listed[0]["message_type"], Value::Null, "{listed:?}");
+
+    // show gives the body as sent, as text, both ids in it.
+    let id = listed[0]["id"].as_str().expect("a dead letter has a string id");
+    let shown = show(&harness, id).await;
+    assert_eq!(shown["body"], Value::from(body), "{shown}");
     harness.finish().await;
 }
