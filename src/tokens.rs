@@ -41,12 +41,42 @@ pub fn encoder(encoding: &str) -> Option<&'static CoreBPE> {
     Some(bpe)
 }
 
+/// Maximum run of whitespace counted in one call to the encoder. The
+/// pattern that splits text into words fails on a run of 999,999 spaces
+/// or tabs in the o200k encodings, and tiktoken-rs then panics. A 1 MiB
+/// body can contain such a run, so a longer run is counted in parts.
+/// Parts of a multiple of 128 characters, the longest run of spaces that
+/// one token covers, keep the count of a run of spaces exact. A part
+/// boundary inside a run that mixes kinds of whitespace can move the
+/// count by one token.
+const WHITESPACE_RUN_MAX: usize = 1 << 19;
+
 /// Counts the tokens of plain text.
 pub fn count_text(bpe: &CoreBPE, text: &str) -> u64 {
-    if text.is_empty() {
-        return 0;
+    count_in_parts(bpe, text, WHITESPACE_RUN_MAX)
+}
+
+/// Counts `text`, cutting every run of whitespace after each `run_max`
+/// characters of it and counting the parts one by one.
+fn count_in_parts(bpe: &CoreBPE, text: &str, run_max: usize) -> u64 {
+    let encode = |part: &str| if part.is_empty() { 0 } else { bpe.encode_ordinary(part).len() as u64 };
+    // A run is never longer than the text's length in bytes.
+    if text.len() <= run_max {
+        return encode(text);
     }
-    bpe.encode_ordinary(text).len() as u64
+    let (mut total, mut part_start, mut run) = (0, 0, 0);
+    for (offset, character) in text.char_indices() {
+        if !character.is_whitespace() {
+            run = 0;
+            continue;
+        }
+        if run > 0 && run % run_max == 0 {
+            total += encode(&text[part_start..offset]);
+            part_start = offset;
+        }
+        run += 1;
+    }
+    total + encode(&text[part_start..])
 }
 
 /// One message of a chat prompt, borrowed from the inbound message.
@@ -107,6 +137,38 @@ mod tests {
     #[test]
     fn empty_text_has_no_tokens() {
         assert_eq!(count_text(o200k(), ""), 0);
+    }
+
+    /// Runs of one kind of whitespace, before, between and after words,
+    /// counted in parts of 1,024 characters, give every encoding's own
+    /// count of the whole text.
+    #[test]
+    fn count_in_parts_matches_whole() {
+        let texts = [
+            " ".repeat(5_000),
+            format!("word{}word", " ".repeat(5_000)),
+            format!("word{}\nword", " ".repeat(4_999)),
+            format!("{}x", "\t".repeat(3_000)),
+            "\n".repeat(4_000),
+            format!("a{}b{}!", " ".repeat(2_049), " ".repeat(3_071)),
+        ];
+        for name in ENCODINGS {
+            let bpe = encoder(name).unwrap();
+            for text in &texts {
+                let whole = bpe.encode_ordinary(text).len() as u64;
+                assert_eq!(count_in_parts(bpe, text, 1_024), whole, "{name}, {} bytes", text.len());
+            }
+        }
+    }
+
+    /// A million spaces, which `encode_ordinary` cannot split into words,
+    /// fit in a 1 MiB chunk. Runs of 128 spaces are one token each in
+    /// o200k, so 1,000,000 = 7,812 * 128 + 64 spaces are 7,813 tokens.
+    #[test]
+    fn count_text_million_spaces() {
+        let spaces = " ".repeat(1_000_000);
+        assert_eq!(count_text(o200k(), &spaces), 7_813);
+        assert_eq!(count_text(o200k(), &" ".repeat(128 * 3)), 3);
     }
 
     #[test]

@@ -407,6 +407,28 @@ impl Worker {
     }
 }
 
+/// When a batch stops taking deliveries: at `worker.batch_messages_max`
+/// deliveries or `worker.batch_bytes_max` bytes of bodies.
+#[derive(Debug, Clone, Copy)]
+struct BatchLimits {
+    messages: usize,
+    bytes: usize,
+}
+
+impl BatchLimits {
+    fn of(settings: &Settings) -> Self {
+        Self {
+            messages: settings.worker.batch_messages_max,
+            bytes: settings.worker.batch_bytes_max,
+        }
+    }
+
+    fn is_full(&self, deliveries: &[Delivery]) -> bool {
+        deliveries.len() >= self.messages
+            || deliveries.iter().map(|delivery| delivery.data.len()).sum::<usize>() >= self.bytes
+    }
+}
+
 /// The consumer of one shard queue.
 struct Shard {
     worker: Worker,
@@ -535,7 +557,7 @@ impl Shard {
             .await?;
         debug!(queue = %self.queue, "subscribed");
 
-        let batch_max = self.worker.settings.worker.batch_messages_max;
+        let batch_max = BatchLimits::of(&self.worker.settings);
         let linger = Duration::from_millis(self.worker.settings.worker.batch_linger_ms);
         let mut in_flight = InFlight::new(self.worker.settings.worker.batches_in_flight);
         let mut database_down = false;
@@ -560,7 +582,7 @@ impl Shard {
             // Take whatever else is already here, without waiting, so a
             // busy shard commits many messages per transaction and an idle
             // one answers at once.
-            while deliveries.len() < batch_max {
+            while !batch_max.is_full(&deliveries) {
                 match consumer.next().now_or_never() {
                     Some(Some(delivery)) => deliveries.push(delivery?),
                     _ => break,
@@ -585,7 +607,7 @@ impl Shard {
                                 break 'batches;
                             }
                         }
-                        Some(next) = consumer.next(), if deliveries.len() < batch_max => {
+                        Some(next) = consumer.next(), if !batch_max.is_full(&deliveries) => {
                             let delivery = next?;
                             users.insert(delivery.routing_key.to_string());
                             deliveries.push(delivery);
@@ -658,14 +680,14 @@ impl Shard {
         consumer: &mut lapin::Consumer,
         deliveries: &mut Vec<Delivery>,
         until: Instant,
-        batch_max: usize,
+        batch_max: BatchLimits,
         in_flight: &mut InFlight<'a>,
     ) -> Result<bool, SessionError> {
         if deliveries.iter().any(awaits_reply) {
             return Ok(true);
         }
         let until = tokio::time::Instant::from_std(until);
-        while deliveries.len() < batch_max {
+        while !batch_max.is_full(deliveries) {
             let next = tokio::select! {
                 biased;
                 () = self.stop.cancelled() => break,

@@ -1,5 +1,6 @@
 //! A shard waits up to `worker.batch_linger_ms` for more deliveries
-//! before it applies a batch, unless a delivery awaits a reply.
+//! before it applies a batch, unless a delivery awaits a reply, and a
+//! batch takes no more once its bodies reach `worker.batch_bytes_max`.
 
 mod common;
 
@@ -81,5 +82,38 @@ async fn batch_without_reply_waits_for_more() {
         "the grant was applied after {waited:?}, before the batch's {LINGER_MS} ms wait ended"
     );
 
+    harness.finish().await;
+}
+
+/// Four grants of about 700 bytes each, with a limit of 1,000 bytes: the
+/// first batch is full at its second grant, and the other two make the
+/// next batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_stops_at_its_byte_limit() {
+    let harness = Harness::start("lingerbytes", |settings| {
+        settings.worker.batch_linger_ms = LINGER_MS;
+        settings.worker.batch_bytes_max = 1_000;
+    })
+    .await;
+    let user = "u-linger-bytes";
+    let grants: Vec<Outbound> = (1..=4)
+        .map(|index| {
+            let mut body = grant(user, &format!("g-{index}"), 1000);
+            // The worker ignores unknown fields, so this one only makes
+            // the body long.
+            body["padding"] = serde_json::Value::from("x".repeat(600));
+            Outbound::json(&body)
+        })
+        .collect();
+    harness.publish_all(&grants).await;
+    harness.barrier(user).await;
+
+    let mut began = Vec::new();
+    for index in 1..=4 {
+        began.push(applied_at(&harness, user, &format!("g-{index}")).await);
+    }
+    assert_eq!(began[0], began[1], "the first two grants share a transaction: {began:?}");
+    assert_ne!(began[1], began[2], "the third grant starts a new batch: {began:?}");
+    assert_eq!(began[2], began[3], "the last two grants share a transaction: {began:?}");
     harness.finish().await;
 }
