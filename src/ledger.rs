@@ -38,6 +38,11 @@ pub enum LedgerError {
     /// same way; the broker's delivery limit bounds the attempts.
     #[error("database error: {0}")]
     Final(#[source] sqlx::Error),
+    /// The worker's own code panicked while applying the messages. Final,
+    /// so the batch's messages are applied one by one and the one that
+    /// panics is dead-lettered after its attempts.
+    #[error("the worker panicked while applying the messages")]
+    Panicked,
 }
 
 impl LedgerError {

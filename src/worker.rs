@@ -12,6 +12,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -945,11 +946,20 @@ impl Shard {
         work: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, LedgerError>,
     ) -> Result<T, LedgerError> {
         let mut connection = self.take_connection().await?;
-        match tokio::time::timeout(BATCH_DATABASE_WAIT, work(&mut *connection.conn)).await {
-            Ok(result) => {
+        // A panic fails this attempt alone, instead of the shard's task and
+        // with it every shard of the session.
+        let work = AssertUnwindSafe(work(&mut *connection.conn)).catch_unwind();
+        match tokio::time::timeout(BATCH_DATABASE_WAIT, work).await {
+            Ok(Ok(result)) => {
                 let result = result?;
                 self.keep_connection(connection);
                 Ok(result)
+            }
+            Ok(Err(_)) => {
+                // The connection may be left inside a transaction.
+                drop(connection.conn.detach());
+                error!(queue = %self.queue, "applying a batch panicked");
+                Err(LedgerError::Panicked)
             }
             Err(_) => {
                 // The server or the path to it went silent. The connection is
@@ -1098,17 +1108,19 @@ impl Shard {
 /// detail names the SQLSTATE only, because PostgreSQL's own message may
 /// quote values from the message.
 fn exhausted(error: &LedgerError, attempts: u32) -> Rejection {
-    let code = match error {
-        LedgerError::Retryable(source) | LedgerError::Final(source) => source
-            .as_database_error()
-            .and_then(|db| db.code().map(|code| code.into_owned())),
+    let detail = match error {
+        LedgerError::Retryable(source) | LedgerError::Final(source) => {
+            let code = source.as_database_error().and_then(|db| db.code().map(|code| code.into_owned()));
+            format!(
+                "applying failed {attempts} times in a row; last database error SQLSTATE {}",
+                code.as_deref().unwrap_or("unknown")
+            )
+        }
+        LedgerError::Panicked => format!("applying panicked {attempts} times in a row"),
     };
     Rejection {
         reason: messages::RejectReason::RetriesExhausted,
-        detail: format!(
-            "applying failed {attempts} times in a row; last database error SQLSTATE {}",
-            code.as_deref().unwrap_or("unknown")
-        ),
+        detail,
         partial: Default::default(),
     }
 }
