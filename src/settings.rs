@@ -1341,6 +1341,13 @@ mod tests {
     }
 
     #[test]
+    fn zero_batch_bytes_names_the_key() {
+        let text = error_text(&[("STREAM_CREDITS__WORKER__BATCH_BYTES_MAX", "0")]);
+        assert!(text.contains("worker.batch_bytes_max"), "{text}");
+        assert!(text.contains("must be greater than zero"), "{text}");
+    }
+
+    #[test]
     fn negative_price_names_the_key() {
         let text = error_text(&[("STREAM_CREDITS__MODELS__GPT-4O__OUTPUT_PER_MILLION", "-1")]);
         assert!(text.contains("models.gpt-4o.output_per_million"), "{text}");
