@@ -34,11 +34,14 @@ const PERSISTENT: u8 = 2;
 /// A broker failure.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("cannot connect to RabbitMQ at {url}: {source}")]
+    #[error("cannot connect to RabbitMQ at {url}: {source}{hint}")]
     Connect {
         url: String,
+        /// Boxed, so that a result carrying this error stays small.
         #[source]
-        source: lapin::Error,
+        source: Box<lapin::Error>,
+        /// Advice on what to check, empty when the error names no cause.
+        hint: &'static str,
     },
     /// The TLS handshake of an `amqps://` connection failed.
     #[error("TLS handshake with RabbitMQ at {url} failed: {error}{hint}")]
@@ -130,13 +133,27 @@ pub async fn connect(settings: &AmqpSettings, name: &str) -> Result<Connection, 
 /// inside the I/O error that lapin returns.
 fn connect_error(url: String, source: lapin::Error) -> BrokerError {
     let lapin::ErrorKind::IOError(io) = source.kind() else {
-        return BrokerError::Connect { url, source };
+        let text = source.to_string();
+        let hint = if text.contains("ACCESS_REFUSED") {
+            "; check the user and password in amqp.url"
+        } else if text.contains("NOT_ALLOWED") {
+            "; check the virtual host in amqp.url and the user's permissions on it"
+        } else {
+            ""
+        };
+        return BrokerError::Connect { url, source: Box::new(source), hint };
     };
     let Some(tls) = io
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
     else {
-        return BrokerError::Connect { url, source };
+        let hint = match io.kind() {
+            std::io::ErrorKind::ConnectionRefused => {
+                "; check that RabbitMQ is running and listens on the host and port of amqp.url"
+            }
+            _ => "",
+        };
+        return BrokerError::Connect { url, source: Box::new(source), hint };
     };
     let hint = match tls {
         rustls::Error::InvalidCertificate(_) => {
