@@ -244,31 +244,117 @@ pub async fn cancel_on_signal(token: CancellationToken) {
 /// unassigned code points, and the letters and marks that Unicode lets
 /// a renderer draw as nothing (a Hangul filler, a variation selector)
 /// are escaped too. A backslash is doubled, so that no id reads as the
-/// escaped form of another. JSON output keeps text as it is.
+/// escaped form of another. JSON output escapes the same characters the
+/// JSON way (see [`json_text`]), which keeps every value as it is.
 pub(crate) fn printable(text: &str) -> String {
-    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
-
     let mut escaped = String::with_capacity(text.len());
     for character in text.chars() {
-        let category = character.general_category();
-        let hidden = matches!(
-            category,
-            GeneralCategory::Control
-                | GeneralCategory::Format
-                | GeneralCategory::Surrogate
-                | GeneralCategory::PrivateUse
-                | GeneralCategory::Unassigned
-                | GeneralCategory::LineSeparator
-                | GeneralCategory::ParagraphSeparator
-        ) || (category == GeneralCategory::SpaceSeparator && character != ' ')
-            || drawn_as_nothing(character);
-        if hidden || character == '\\' {
+        if is_hidden(character) || character == '\\' {
             escaped.extend(character.escape_default());
         } else {
             escaped.push(character);
         }
     }
     escaped
+}
+
+/// Returns whether a terminal would show `character` as nothing, as a
+/// move of the cursor or of the text around it, or not at all.
+fn is_hidden(character: char) -> bool {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+
+    let category = character.general_category();
+    matches!(
+        category,
+        GeneralCategory::Control
+            | GeneralCategory::Format
+            | GeneralCategory::Surrogate
+            | GeneralCategory::PrivateUse
+            | GeneralCategory::Unassigned
+            | GeneralCategory::LineSeparator
+            | GeneralCategory::ParagraphSeparator
+    ) || (category == GeneralCategory::SpaceSeparator && character != ' ')
+        || drawn_as_nothing(character)
+}
+
+/// Serializes `value` as JSON for a terminal, indented when `pretty`.
+/// Every hidden character of a string (see [`printable`]) is written as a
+/// `\uXXXX` escape, so a reader that parses the output gets each value
+/// exactly, and a terminal shows no right-to-left override or zero-width
+/// space in it.
+pub(crate) fn json_text<T: serde::Serialize + ?Sized>(value: &T, pretty: bool) -> String {
+    let mut output = Vec::new();
+    let written = if pretty {
+        value.serialize(&mut serde_json::Serializer::with_formatter(
+            &mut output,
+            VisibleStrings(serde_json::ser::PrettyFormatter::new()),
+        ))
+    } else {
+        value.serialize(&mut serde_json::Serializer::with_formatter(
+            &mut output,
+            VisibleStrings(serde_json::ser::CompactFormatter),
+        ))
+    };
+    written.expect("values of this program serialize to JSON");
+    String::from_utf8(output).expect("serde_json writes UTF-8")
+}
+
+/// A JSON formatter that writes hidden characters of strings as escapes
+/// and leaves the layout to the formatter it wraps.
+struct VisibleStrings<F>(F);
+
+impl<F: serde_json::ser::Formatter> serde_json::ser::Formatter for VisibleStrings<F> {
+    fn write_string_fragment<W: ?Sized + std::io::Write>(&mut self, writer: &mut W, fragment: &str) -> std::io::Result<()> {
+        let mut start = 0;
+        for (offset, character) in fragment.char_indices() {
+            if !is_hidden(character) {
+                continue;
+            }
+            self.0.write_string_fragment(writer, &fragment[start..offset])?;
+            let mut units = [0u16; 2];
+            for unit in character.encode_utf16(&mut units) {
+                write!(writer, "\\u{unit:04x}")?;
+            }
+            start = offset + character.len_utf8();
+        }
+        self.0.write_string_fragment(writer, &fragment[start..])
+    }
+
+    fn begin_array<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.0.begin_array(writer)
+    }
+
+    fn end_array<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.0.end_array(writer)
+    }
+
+    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, writer: &mut W, first: bool) -> std::io::Result<()> {
+        self.0.begin_array_value(writer, first)
+    }
+
+    fn end_array_value<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.0.end_array_value(writer)
+    }
+
+    fn begin_object<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.0.begin_object(writer)
+    }
+
+    fn end_object<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.0.end_object(writer)
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, writer: &mut W, first: bool) -> std::io::Result<()> {
+        self.0.begin_object_key(writer, first)
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.0.begin_object_value(writer)
+    }
+
+    fn end_object_value<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.0.end_object_value(writer)
+    }
 }
 
 /// Returns whether `character` is one of the default-ignorable code
@@ -404,7 +490,7 @@ async fn print_account(
             )
         })?;
     if json {
-        println!("{}", serde_json::to_string(&detail).expect("accounts serialize"));
+        println!("{}", json_text(&detail, false));
         return Ok(());
     }
     let account = &detail.account;
@@ -430,7 +516,7 @@ async fn print_account(
 
 #[cfg(test)]
 mod tests {
-    use super::printable;
+    use super::{json_text, printable};
 
     #[test]
     fn printable_escapes_control_characters() {
@@ -460,5 +546,23 @@ mod tests {
     fn printable_doubles_backslashes() {
         assert_ne!(printable("a\u{202e}b"), printable("a\\u{202e}b"));
         assert_eq!(printable("a\\u{202e}b"), "a\\\\u{202e}b");
+    }
+
+    #[test]
+    fn json_text_escapes_hidden_characters() {
+        let value = serde_json::json!({"id": "m-\u{202e}1\u{200b}\u{85}", "tag": "\u{e0067}x", "plain": "é \\ \""});
+        let text = json_text(&value, false);
+        assert!(text.contains(r"m-\u202e1\u200b\u0085"), "{text}");
+        assert!(text.contains(r"\udb40\udc67x"), "{text}");
+        assert!(text.contains(r#""é \\ \"""#), "{text}");
+        let parsed: serde_json::Value = serde_json::from_str(&text).expect("the output is JSON");
+        assert_eq!(parsed, value);
+    }
+
+    #[test]
+    fn json_text_keeps_the_layout() {
+        let value = serde_json::json!({"list": [1, {"a": "b"}], "empty": []});
+        assert_eq!(json_text(&value, true), serde_json::to_string_pretty(&value).unwrap());
+        assert_eq!(json_text(&value, false), serde_json::to_string(&value).unwrap());
     }
 }

@@ -30,7 +30,7 @@ use lapin::{BasicProperties, Channel, Consumer};
 use serde::Serialize;
 
 use crate::broker::{self, HEADER_DEAD_LETTER_ID, HEADER_DETAIL, HEADER_ERROR, HEADER_ROUTING_KEY};
-use crate::cli::{Failure, printable};
+use crate::cli::{Failure, json_text, printable};
 use crate::messages::{self, RejectReason};
 use crate::settings::Settings;
 use crate::topology::{self, Names};
@@ -354,7 +354,7 @@ fn list(letters: &[Delivery], args: &ListArgs) -> Result<(), Failure> {
     if args.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&views).expect("views serialize")
+            json_text(&views, true)
         );
         return Ok(());
     }
@@ -408,7 +408,7 @@ fn show(letters: &[Delivery], id: &str) -> Result<(), Failure> {
     });
     println!(
         "{}",
-        serde_json::to_string_pretty(&output).expect("JSON serializes")
+        json_text(&output, true)
     );
     Ok(())
 }

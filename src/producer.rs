@@ -471,7 +471,7 @@ pub async fn replay(settings: Arc<Settings>, args: ReplayArgs) -> Result<(), Fai
     }
 
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows).expect("rows serialize"));
+        println!("{}", crate::cli::json_text(&rows, true));
     } else {
         print_replay_table(&rows);
     }

@@ -257,7 +257,7 @@ pub async fn run(settings: Arc<Settings>, args: ReportArgs) -> Result<(), Failur
     if args.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&report).expect("reports serialize")
+            crate::cli::json_text(&report, true)
         );
     } else {
         print!("{}", render_text(&report));

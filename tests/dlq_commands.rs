@@ -499,6 +499,18 @@ async fn list_escapes_control_characters() {
     let listed = list(&harness).await;
     assert_eq!(listed[0]["message_id"], id, "JSON keeps the id as sent");
 
+    // JSON output writes those characters as escapes: the same value to a
+    // parser, nothing hidden on a terminal.
+    let raw_list = run_ok(&harness, &["dlq", "list", "--json"]).await;
+    let letter_id = listed[0]["id"].as_str().expect("a dead letter has a string id");
+    let raw_show = run_ok(&harness, &["dlq", "show", letter_id]).await;
+    for raw in [&raw_list, &raw_show] {
+        assert!(!raw.contains('\u{202e}'), "the JSON holds a raw override: {raw}");
+        assert!(raw.contains(r"m-\u001b[2J-\u202e1"), "{raw}");
+    }
+    let shown: Value = serde_json::from_str(&raw_show).expect("dlq show prints JSON");
+    assert_eq!(shown["body"]["message_id"], id, "the body keeps the id as sent");
+
     // An id the operator typed comes back escaped in the error.
     let output = harness.run_cli(&["dlq", "show", "x-\u{1b}[2J"]).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -507,7 +519,7 @@ async fn list_escapes_control_characters() {
     harness.finish().await;
 }
 
-/// A body that names two message ids was refused for it, so `list` takes
+/// A body that names two message ids was rejected for it, so `list` takes
 /// neither: it falls back to the AMQP property, as for a body that is not
 /// JSON. `show` prints such a body as text, both keys in it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
