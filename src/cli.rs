@@ -208,7 +208,7 @@ async fn run(settings: Arc<Settings>, shutdown: CancellationToken) -> Result<(),
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "worker starting");
     worker::run(settings, shutdown).await.map_err(|error| match error {
         WorkerError::Topology(_) => Failure::usage(error),
-        WorkerError::Database(_) => Failure::from(error),
+        WorkerError::Database(_) | WorkerError::Listen { .. } => Failure::from(error),
     })
 }
 

@@ -89,8 +89,12 @@ pub async fn run(settings: Arc<Settings>, args: DemoArgs) -> Result<(), Failure>
     );
 
     let pool = db::migrate(&settings.database).await?;
+    // The demo's worker serves no HTTP endpoint, so that a worker already
+    // running on `http.listen` does not stop it.
+    let mut worker_settings = (*settings).clone();
+    worker_settings.http.listen = String::new();
     let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(worker::run(settings.clone(), shutdown.clone()));
+    let worker = tokio::spawn(worker::run(Arc::new(worker_settings), shutdown.clone()));
     let producer = Producer::connect(&settings, Duration::from_secs(args.timeout_seconds)).await?;
     fund_users(&producer, &users).await?;
 

@@ -2,7 +2,6 @@
 //! up), `/readyz` (the database and the broker both respond) and the
 //! read-only `GET /accounts/{user_id}` with the account's open holds.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -45,7 +44,7 @@ struct AppState {
 /// until `shutdown` is cancelled. A recorder is installed once per
 /// process; a second call serves without metrics of its own.
 pub async fn serve(
-    listen: SocketAddr,
+    listener: tokio::net::TcpListener,
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -63,8 +62,9 @@ pub async fn serve(
         .route("/readyz", get(ready))
         .route("/accounts/{user_id}", get(account))
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    tracing::info!(%listen, "serving /metrics, /healthz and /readyz");
+    if let Ok(listen) = listener.local_addr() {
+        tracing::info!(%listen, "serving /metrics, /healthz and /readyz");
+    }
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

@@ -132,6 +132,16 @@ pub enum WorkerError {
     /// The database cannot be prepared and retrying will not help.
     #[error(transparent)]
     Database(db::DbError),
+    /// The HTTP endpoint cannot listen on `http.listen`: exit 1.
+    #[error(
+        "cannot listen on http.listen {listen}: {source}; stop the process that uses it, \
+         choose another address, or set http.listen to \"\" to turn the endpoint off"
+    )]
+    Listen {
+        listen: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The reason a broker session ended.
@@ -167,7 +177,7 @@ pub async fn run(settings: Arc<Settings>, shutdown: CancellationToken) -> Result
     // The endpoint starts before the database is reached, so /healthz
     // responds and /readyz reports the wait while it is unreachable.
     if let Ok(listen) = settings.http.listen.parse() {
-        serve_http(&settings, listen, broker_connected.clone(), shutdown.clone())?;
+        serve_http(&settings, listen, broker_connected.clone(), shutdown.clone()).await?;
     }
     let migrated = tokio::select! {
         pool = prepare_database(&settings) => pool?,
@@ -209,7 +219,8 @@ pub async fn run(settings: Arc<Settings>, shutdown: CancellationToken) -> Result
 const HTTP_DATABASE_CONNECTIONS: u32 = 2;
 
 /// Serves the HTTP endpoint on a small pool of its own until `shutdown`.
-fn serve_http(
+/// Fails at once when it cannot listen on `listen`.
+async fn serve_http(
     settings: &Settings,
     listen: std::net::SocketAddr,
     broker_connected: Arc<AtomicBool>,
@@ -222,8 +233,11 @@ fn serve_http(
         broker_connected,
         ttl_seconds: settings.reservations.ttl_seconds,
     };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| WorkerError::Listen { listen, source })?;
     tokio::spawn(async move {
-        if let Err(error) = crate::http::serve(listen, readiness, shutdown).await {
+        if let Err(error) = crate::http::serve(listener, readiness, shutdown).await {
             error!(%error, %listen, "cannot serve the HTTP endpoint");
         }
     });

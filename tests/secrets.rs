@@ -73,6 +73,7 @@ impl Run {
             .env("STREAM_CREDITS__DATABASE__URL", database_url)
             .env("STREAM_CREDITS__LOG__LEVEL", "debug")
             .env("STREAM_CREDITS__LOG__FORMAT", log_format)
+            .env("STREAM_CREDITS__HTTP__LISTEN", "")
             .stdin(Stdio::null())
             .stdout(log("stdout.log"))
             .stderr(log("stderr.log"))
