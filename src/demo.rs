@@ -99,7 +99,21 @@ pub async fn run(settings: Arc<Settings>, args: DemoArgs) -> Result<(), Failure>
     fund_users(&producer, &users).await?;
 
     let started = Instant::now();
-    let totals = publish_chats(&producer, chats, args.concurrency).await;
+    // SIGTERM or SIGINT stops publishing, lets the worker drain what it
+    // has received, and fails the demo.
+    let interrupt = CancellationToken::new();
+    tokio::spawn(crate::cli::cancel_on_signal(interrupt.clone()));
+    let totals = tokio::select! {
+        totals = publish_chats(&producer, chats, args.concurrency) => totals,
+        () = interrupt.cancelled() => {
+            shutdown.cancel();
+            worker.await.context("worker task failed")??;
+            return Err(anyhow::anyhow!(
+                "interrupted; the holds of unfinished chats expire after reservations.ttl_seconds"
+            )
+            .into());
+        }
+    };
     let elapsed = started.elapsed();
 
     shutdown.cancel();

@@ -1051,7 +1051,7 @@ impl Drop for Harness {
     }
 }
 
-async fn delete_topology(names: &Names, shards: u16) {
+pub async fn delete_topology(names: &Names, shards: u16) {
     let Ok(connection) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await
     else {
         eprintln!(
