@@ -3,7 +3,7 @@
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, Connection, ExchangeKind};
+use lapin::{Channel, ExchangeKind};
 
 use crate::settings::TopologySettings;
 
@@ -25,14 +25,6 @@ pub enum TopologyError {
     /// Final: exit 2, because only an operator can resolve it.
     #[error("{name} exists with other settings than this worker's: {message}")]
     Mismatch { name: String, message: String },
-    /// A shard queue past `topology.shards` exists, so the hash exchange
-    /// may still route users to a queue that no worker reads. Final: exit 2.
-    #[error(
-        "queue {queue} exists, but topology.shards is {shards}, so messages routed to it would \
-         wait unread; start with the shard count that created it, or drain and delete the old \
-         shard queues and the events exchange first (README, \"Changing the shard count\")"
-    )]
-    ExtraShard { queue: String, shards: u16 },
     /// Anything else, usually a lost connection: retry.
     #[error("cannot declare the topology: {0}")]
     Broker(#[from] lapin::Error),
@@ -156,35 +148,6 @@ pub async fn declare(channel: &Channel, settings: &TopologySettings) -> Result<N
             .map_err(|error| classify(&queue, error))?;
     }
     Ok(names)
-}
-
-/// Fails with [`TopologyError::ExtraShard`] when the shard queue after
-/// the last one of `settings` exists, as it does after the shard count
-/// was lowered without the drain. Declares passively on a channel of its
-/// own, because the broker closes the channel of a passive declare that
-/// finds nothing.
-pub async fn check_no_extra_shard(
-    connection: &Connection,
-    names: &Names,
-    settings: &TopologySettings,
-) -> Result<(), TopologyError> {
-    let channel = connection.create_channel().await?;
-    let queue = names.shard(settings.shards);
-    let options = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    match channel.queue_declare(queue.as_str().into(), options, FieldTable::default()).await {
-        Ok(_) => {
-            let _ = channel.close(200, "checked".into()).await;
-            Err(TopologyError::ExtraShard {
-                queue,
-                shards: settings.shards,
-            })
-        }
-        Err(error) if is_not_found(&error) => Ok(()),
-        Err(error) => Err(TopologyError::Broker(error)),
-    }
 }
 
 async fn declare_queue(channel: &Channel, name: &str, arguments: FieldTable) -> Result<(), TopologyError> {

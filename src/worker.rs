@@ -319,16 +319,12 @@ impl Worker {
     async fn session(&self, established: &mut Option<Instant>) -> Result<(), SessionError> {
         let connection = broker::connect(&self.settings.amqp, "stream-credits worker").await?;
         let setup = connection.create_channel().await?;
-        let topology_failure = |error| match error {
-            TopologyError::Broker(error) => SessionError::from(error),
-            fatal => SessionError::Fatal(WorkerError::Topology(fatal)),
-        };
         let names = topology::declare(&setup, &self.settings.topology)
             .await
-            .map_err(topology_failure)?;
-        topology::check_no_extra_shard(&connection, &names, &self.settings.topology)
-            .await
-            .map_err(topology_failure)?;
+            .map_err(|error| match error {
+                TopologyError::Broker(error) => SessionError::from(error),
+                fatal => SessionError::Fatal(WorkerError::Topology(fatal)),
+            })?;
         let names = Arc::new(names);
         info!(prefix = %self.settings.topology.prefix, shards = self.settings.topology.shards, "topology declared, consuming");
 
