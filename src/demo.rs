@@ -109,7 +109,8 @@ pub async fn run(settings: Arc<Settings>, args: DemoArgs) -> Result<(), Failure>
             shutdown.cancel();
             worker.await.context("worker task failed")??;
             return Err(anyhow::anyhow!(
-                "interrupted; the holds of unfinished chats expire after reservations.ttl_seconds"
+                "stopped by a signal before every chat ended: the holds of unfinished chats expire \
+                 after reservations.ttl_seconds"
             )
             .into());
         }

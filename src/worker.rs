@@ -972,7 +972,7 @@ impl Shard {
             Ok(Err(_)) => {
                 // The connection may be left inside a transaction.
                 drop(connection.conn.detach());
-                error!(queue = %self.queue, "applying a batch panicked");
+                error!(queue = %self.queue, "applying messages panicked, attempt failed");
                 Err(LedgerError::Panicked)
             }
             Err(_) => {

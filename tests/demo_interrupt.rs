@@ -1,5 +1,5 @@
 //! SIGTERM stops `demo` while it publishes: its worker drains what it has
-//! received, and the demo exits 1 saying that it was interrupted.
+//! received, and the demo exits 1 saying that a signal stopped it.
 
 mod common;
 
@@ -58,7 +58,7 @@ async fn sigterm_stops_demo_with_exit_1() {
     };
     let stderr = read();
     assert_eq!(code, Some(1), "stderr: {stderr}");
-    assert!(stderr.contains("interrupted"), "stderr: {stderr}");
+    assert!(stderr.contains("stopped by a signal"), "stderr: {stderr}");
 
     let shards = stream_credits::settings::Settings::default().topology.shards;
     common::delete_topology(&Names::new(&prefix), shards).await;

@@ -7,8 +7,8 @@ use common::run_binary;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn taken_address_exits_1() {
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free loopback port");
-    let address = taken.local_addr().expect("read the bound address").to_string();
+    let port_holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free loopback port");
+    let address = port_holder.local_addr().expect("read the bound address").to_string();
 
     // The endpoint listens before the database is reached, so none is needed.
     let output = run_binary(
@@ -23,5 +23,5 @@ async fn taken_address_exits_1() {
     assert_eq!(output.status.code(), Some(1), "stderr: {stderr}");
     assert!(stderr.contains(&format!("cannot listen on http.listen {address}")), "stderr: {stderr}");
     assert!(stderr.contains("set http.listen to \"\""), "stderr: {stderr}");
-    drop(taken);
+    drop(port_holder);
 }
