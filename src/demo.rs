@@ -93,18 +93,21 @@ pub async fn run(settings: Arc<Settings>, args: DemoArgs) -> Result<(), Failure>
     // running on `http.listen` does not stop it.
     let mut worker_settings = (*settings).clone();
     worker_settings.http.listen = String::new();
+    // SIGTERM or SIGINT, from here on, stops funding or publishing, lets
+    // the worker drain what it has received, and fails the demo.
+    let interrupt = CancellationToken::new();
+    tokio::spawn(crate::cli::cancel_on_signal(interrupt.clone()));
     let shutdown = CancellationToken::new();
     let worker = tokio::spawn(worker::run(Arc::new(worker_settings), shutdown.clone()));
     let producer = Producer::connect(&settings, Duration::from_secs(args.timeout_seconds)).await?;
-    fund_users(&producer, &users).await?;
-
-    let started = Instant::now();
-    // SIGTERM or SIGINT stops publishing, lets the worker drain what it
-    // has received, and fails the demo.
-    let interrupt = CancellationToken::new();
-    tokio::spawn(crate::cli::cancel_on_signal(interrupt.clone()));
-    let totals = tokio::select! {
-        totals = publish_chats(&producer, chats, args.concurrency) => totals,
+    let publish = async {
+        fund_users(&producer, &users).await?;
+        let started = Instant::now();
+        let totals = publish_chats(&producer, chats, args.concurrency).await;
+        Ok::<_, Failure>((totals, started.elapsed()))
+    };
+    let (totals, elapsed) = tokio::select! {
+        published = publish => published?,
         () = interrupt.cancelled() => {
             shutdown.cancel();
             worker.await.context("worker task failed")??;
@@ -115,7 +118,6 @@ pub async fn run(settings: Arc<Settings>, args: DemoArgs) -> Result<(), Failure>
             .into());
         }
     };
-    let elapsed = started.elapsed();
 
     shutdown.cancel();
     worker.await.context("worker task failed")??;
