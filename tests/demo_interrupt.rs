@@ -1,5 +1,6 @@
-//! SIGTERM stops `demo` while it publishes: its worker drains what it has
-//! received, and the demo exits 1 saying that a signal stopped it.
+//! SIGTERM stops `demo` while it funds its users and while it publishes:
+//! its worker drains what it has received, and the demo exits 1 saying
+//! that a signal stopped it.
 
 mod common;
 
@@ -12,18 +13,35 @@ use stream_credits::topology::Names;
 /// Maximum wait for the demo to start publishing, and then to exit.
 const DEMO_WAIT: Duration = Duration::from_secs(60);
 
+/// Users for the demo to fund, one confirmed message each, so that it is
+/// still funding them a second after it starts.
+const MANY_USERS: &str = "20000";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_demo_with_exit_1() {
-    let harness = Harness::database_only("demointr").await;
+    // One chat at a time, so the demo is still publishing when the signal
+    // comes.
+    sigterm_stops_demo("demointr", &["--concurrency", "1"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_funding_exits_1() {
+    sigterm_stops_demo("demofund", &["--users", MANY_USERS]).await;
+}
+
+/// Starts `demo` with `args`, sends it SIGTERM a second after it starts
+/// its worker, and checks that it exits 1 saying that a signal stopped it.
+async fn sigterm_stops_demo(name: &str, args: &[&str]) {
+    let harness = Harness::database_only(name).await;
     let prefix = format!("t-{}", harness.database_name().replace('_', "-"));
     let directory = std::env::temp_dir().join(format!("sc-demo-{}", harness.database_name()));
     std::fs::create_dir_all(&directory).expect("create a log directory");
     let stderr_path = directory.join("stderr.log");
     let url = database_url(harness.database_name());
-    // One chat at a time, so the demo is still publishing when the signal
-    // comes.
     let mut demo = Command::new(env!("CARGO_BIN_EXE_stream-credits"))
-        .args(["demo", "--concurrency", "1", "--data"])
+        .arg("demo")
+        .args(args)
+        .arg("--data")
         .arg(format!("{}/data", env!("CARGO_MANIFEST_DIR")))
         .env_remove("RUST_LOG")
         .env("STREAM_CREDITS__DATABASE__URL", &url)
